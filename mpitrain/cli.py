@@ -1,0 +1,194 @@
+"""Command line: ``python -m mpitrain [train|info] ...`` (train is the default).
+
+Every rank parses the same arguments; only rank 0 prints, and a bad argument
+makes every rank exit with the same non-zero code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mpi4py import MPI
+
+from mpitrain import backend, threads
+from mpitrain.comm import Communicator, raised_on_all_ranks
+from mpitrain.comm.communicator import ALLREDUCE_ALGORITHMS
+from mpitrain.nn import MODELS
+from mpitrain.optim import OPTIMIZERS, SCHEDULES
+from mpitrain.train import TrainConfig, train
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+TRAIN_EXAMPLES = """examples:
+  mpirun -np 4 python -m mpitrain                      # MLP on digits, 4 ranks
+  mpirun -np 2 python -m mpitrain train --model cnn --epochs 10
+  mpirun -np 4 python -m mpitrain train --dataset mnist.npz --hidden 256,256 --batch-size 64
+  mpirun -np 8 --hostfile hostfile python -m mpitrain train --metrics run.jsonl --save model.npz
+"""
+
+
+class UsageError(Exception):
+    """A bad command line; raised identically on every rank."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting and prints on rank 0 only."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: error: {message}\n(try '{self.prog} --help')")
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            super()._print_message(message, file)
+
+
+def _bounded(kind: Callable[[str], Any], low: float, what: str, inclusive: bool = True) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not (value >= low if inclusive else value > low) or value != value:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}")
+        return value
+
+    return parse
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive sizes, e.g. 128,64")
+    return sizes
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number in [0, 1)")
+    return value
+
+
+positive_int = _bounded(int, 1, "an integer >= 1")
+nonneg_int = _bounded(int, 0, "an integer >= 0")
+positive_float = _bounded(float, 0.0, "a number > 0", inclusive=False)
+nonneg_float = _bounded(float, 0.0, "a number >= 0")
+
+
+def _train_parser(prog: str) -> _Parser:
+    d = TrainConfig()
+    p = _Parser(
+        prog=f"{prog} train",
+        description="Synchronous data-parallel training over MPI (the default subcommand).",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", choices=MODELS, default=d.model, help="model (default %(default)s)")
+    p.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden sizes, e.g. 128,64")
+    p.add_argument("--dataset", default=d.dataset, help="digits (default), synthetic, or a Keras-layout .npz path")
+    p.add_argument("--synthetic-samples", type=positive_int, default=d.synthetic_samples, help="size of synthetic")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="default %(default)s")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="per rank (default %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="learning rate (default %(default)s)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="default %(default)s")
+    p.add_argument("--momentum", type=_fraction, default=d.momentum, help="SGD momentum (default %(default)s)")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    p.add_argument("--weight-decay", type=nonneg_float, default=d.weight_decay, help="default %(default)s")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="LR schedule (default %(default)s)")
+    p.add_argument("--warmup-steps", type=nonneg_int, default=d.warmup_steps, help="linear LR warm-up steps")
+    p.add_argument("--step-size", type=nonneg_int, default=d.step_size, help="steps between decays (step schedule)")
+    p.add_argument("--gamma", type=positive_float, default=d.gamma, help="decay factor (step schedule)")
+    p.add_argument("--seed", type=nonneg_int, default=d.seed, help="default %(default)s")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="default %(default)s")
+    p.add_argument("--backend", choices=backend.BACKENDS, default=d.backend, help="array backend")
+    p.add_argument("--algorithm", choices=ALLREDUCE_ALGORITHMS, default=d.algorithm, help="gradient all-reduce")
+    p.add_argument("--threads", type=positive_int, default=None, help="BLAS threads per rank (default cores/ranks)")
+    p.add_argument("--metrics", default=None, metavar="FILE.jsonl", help="one JSON line per epoch")
+    p.add_argument("--save", default=None, metavar="FILE.npz", help="write the final parameters")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def _info_parser(prog: str) -> _Parser:
+    return _Parser(prog=f"{prog} info", description="Print the MPI library, world, hosts and array backends.")
+
+
+def _run_train(args: argparse.Namespace, comm: Communicator) -> None:
+    count = threads.limit_threads(comm.comm, args.threads)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "threads")}
+    if comm.rank == 0:
+        print(f"# mpitrain: {comm.size} rank(s), {count} BLAS thread(s) per rank", flush=True)
+    train(TrainConfig(**options), comm)
+
+
+def _run_info(args: argparse.Namespace, comm: Communicator) -> None:
+    import mpi4py
+
+    count = threads.limit_threads(comm.comm)
+    hosts = comm.allgather_object(MPI.Get_processor_name())
+    if comm.rank != 0:
+        return
+    per_host: dict[str, int] = {}
+    for host in hosts:
+        per_host[host] = per_host.get(host, 0) + 1
+    library = MPI.Get_library_version().strip().splitlines()[0]
+    print(f"MPI library:   {library} (MPI standard {'.'.join(map(str, MPI.Get_version()))})")
+    print(f"mpi4py:        {mpi4py.__version__}")
+    print(f"world size:    {comm.size}")
+    print("hosts:         " + ", ".join(f"{h} ({n} rank(s))" for h, n in per_host.items()))
+    for name, text in backend.available_backends().items():
+        print(f"backend:       {name}: {text}")
+    print(f"threads:       {count} per rank ({threads.cores_available()} core(s) visible)")
+    for line in threads.thread_pools():
+        print(f"thread pool:   {line}")
+
+
+COMMANDS = {"train": (_train_parser, _run_train), "info": (_info_parser, _run_info)}
+
+
+def parse(argv: Sequence[str], prog: str = "python -m mpitrain") -> argparse.Namespace:
+    """Parse a command line; a missing or option-first command means ``train``.
+
+    Raises:
+        UsageError: on every rank, for any bad argument.
+    """
+    argv = list(argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    if command == "train" and argv[:1] in (["-h"], ["--help"]) and MPI.COMM_WORLD.Get_rank() == 0:
+        print(f"usage: {prog} [train|info] [options]; the options of train follow\n")
+    args = COMMANDS[command][0](prog).parse_args(argv)
+    args.command = command
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (the same on every rank for known errors)."""
+    rank = MPI.COMM_WORLD.Get_rank()
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+        COMMANDS[args.command][1](args, Communicator())
+    except UsageError as exc:
+        if rank == 0:
+            print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except Exception as exc:  # noqa: BLE001 - decide between a clean exit and an abort
+        if raised_on_all_ranks(exc):
+            if rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        # Raised on this rank alone: the others may be waiting on it, so end the whole job.
+        print(f"[rank {rank}] unexpected error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        MPI.COMM_WORLD.Abort(EXIT_ERROR)
+    return 0
+
+
+def console_main() -> None:
+    """Console-script entry point (``mpitrain``): exit with ``main()``'s code."""
+    sys.exit(main())

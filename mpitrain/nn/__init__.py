@@ -1,0 +1,24 @@
+"""Neural-network core on numpy or cupy. Knows nothing of MPI."""
+
+from mpitrain.nn.layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Tanh
+from mpitrain.nn.losses import MSELoss, SoftmaxCrossEntropy
+from mpitrain.nn.models import MODELS, build_model
+from mpitrain.nn.module import Module, Parameter, Sequential
+
+__all__ = [
+    "MODELS",
+    "Conv2d",
+    "Dropout",
+    "Flatten",
+    "Linear",
+    "MSELoss",
+    "MaxPool2d",
+    "Module",
+    "Parameter",
+    "ReLU",
+    "Sequential",
+    "Sigmoid",
+    "SoftmaxCrossEntropy",
+    "Tanh",
+    "build_model",
+]

@@ -1,0 +1,60 @@
+"""Models by name, for the command line: ``mlp`` and ``cnn``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mpitrain.nn.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU
+from mpitrain.nn.module import Sequential
+
+MODELS = ("mlp", "cnn")
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = ()) -> Sequential:
+    """Build an uninitialised model (call ``init_params`` next).
+
+    Args:
+        name: "mlp" (Flatten, then Linear+ReLU per hidden size, then Linear) or
+            "cnn" (two 3x3 conv + ReLU + 2x2 max-pool blocks with 16 and 32
+            channels, then Linear+ReLU per hidden size, then Linear).
+        input_shape: shape of one sample, e.g. (64,) or (1, 28, 28).
+        num_classes: number of outputs.
+        hidden: sizes of the hidden dense layers; empty means the default
+            (128, 64) for mlp and (64,) for cnn.
+
+    Raises:
+        ValueError: unknown name, non-positive sizes, or a cnn on input that is
+            not (channels, height, width) with height and width at least 4.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if any(h < 1 for h in hidden):
+        raise ValueError(f"hidden sizes must be positive, got {list(hidden)}")
+    if name == "mlp":
+        hidden = tuple(hidden) or (128, 64)
+        layers: list = [Flatten()]
+        width = 1
+        for dim in input_shape:
+            width *= int(dim)
+    else:
+        hidden = tuple(hidden) or (64,)
+        if len(input_shape) != 3 or min(input_shape[1:]) < 4:
+            raise ValueError(f"cnn needs images shaped (channels, height>=4, width>=4), got {tuple(input_shape)}")
+        channels, height, width_px = (int(d) for d in input_shape)
+        layers = [
+            Conv2d(channels, 16, 3, padding=1),
+            ReLU(),
+            MaxPool2d(2),
+            Conv2d(16, 32, 3, padding=1),
+            ReLU(),
+            MaxPool2d(2),
+            Flatten(),
+        ]
+        width = 32 * (height // 4) * (width_px // 4)
+    for size in hidden:
+        layers += [Linear(width, size), ReLU()]
+        width = size
+    layers.append(Linear(width, num_classes, init="glorot"))
+    return Sequential(*layers)

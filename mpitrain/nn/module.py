@@ -1,0 +1,170 @@
+"""Module, Parameter and Sequential, with every parameter a view of one flat buffer.
+
+``Module.init_params`` allocates ONE contiguous parameter buffer and ONE
+contiguous gradient buffer for a whole model and turns every parameter's
+``data`` and ``grad`` into views of them. The layout is reverse layer order
+(the last layer's parameters first), so the gradients that backward finishes
+first are contiguous at the front of the buffer. A collective or an optimizer
+then works on the flat buffers with no packing copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from mpitrain import backend
+
+INITS = ("he", "glorot", "zeros")
+
+
+class Parameter:
+    """A trainable tensor: its shape and initialisation, later its storage.
+
+    ``data`` and ``grad`` are None until the owning model's ``init_params``
+    binds them to views of the flat buffers.
+    """
+
+    def __init__(self, shape: tuple[int, ...], init: str, fan_in: int = 1, fan_out: int = 1) -> None:
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
+        self.shape = tuple(int(s) for s in shape)
+        self.init = init
+        self.fan_in = fan_in
+        self.fan_out = fan_out
+        self.data: Any = None
+        self.grad: Any = None
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def initial_values(self, rng: np.random.Generator) -> np.ndarray:
+        """Draw this parameter's initial values (float64, host) from ``rng``.
+
+        He: normal with std sqrt(2 / fan_in). Glorot: uniform in
+        +-sqrt(6 / (fan_in + fan_out)). Zeros: zeros (no draw).
+        """
+        if self.init == "he":
+            return rng.normal(0.0, np.sqrt(2.0 / self.fan_in), self.shape)
+        if self.init == "glorot":
+            limit = np.sqrt(6.0 / (self.fan_in + self.fan_out))
+            return rng.uniform(-limit, limit, self.shape)
+        return np.zeros(self.shape)
+
+
+class Module:
+    """Base of every layer and model.
+
+    Subclasses set Parameters and child Modules as attributes in
+    ``__init__`` and implement ``forward`` (caching what backward needs) and
+    ``backward`` (accumulating into parameter gradients, returning the
+    gradient with respect to the input).
+    """
+
+    xp: ModuleType = np
+    training: bool = True
+
+    def forward(self, x: Any) -> Any:
+        """Compute the output for input ``x``."""
+        raise NotImplementedError
+
+    def backward(self, grad: Any) -> Any:
+        """Given d(loss)/d(output), add parameter gradients and return d(loss)/d(input)."""
+        raise NotImplementedError
+
+    def __call__(self, x: Any) -> Any:
+        return self.forward(x)
+
+    def children(self) -> list[Module]:
+        """Direct sub-modules, in the order they were assigned."""
+        return [v for v in vars(self).values() if isinstance(v, Module)]
+
+    def modules(self) -> Iterator[Module]:
+        """This module and all its descendants, depth first, in forward order."""
+        yield self
+        for child in self.children():
+            yield from child.modules()
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """(dotted name, Parameter) for every parameter, in forward order."""
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield prefix + name, value
+        for name, child in self._named_children():
+            yield from child.named_parameters(f"{prefix}{name}.")
+
+    def _named_children(self) -> list[tuple[str, Module]]:
+        return [(k, v) for k, v in vars(self).items() if isinstance(v, Module)]
+
+    def parameters(self) -> list[Parameter]:
+        """All parameters, in forward order."""
+        return [p for _, p in self.named_parameters()]
+
+    def train(self, mode: bool = True) -> Module:
+        """Set training mode (affects Dropout) on this module and its descendants."""
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self) -> Module:
+        """Set evaluation mode."""
+        return self.train(False)
+
+    def init_params(self, seed: int = 0, xp: ModuleType = np, dtype: Any = np.float32) -> Module:
+        """Allocate the flat buffers, bind every parameter to views and initialise them.
+
+        Values are drawn in forward order from ``numpy.random.default_rng(seed)``
+        in float64 and then cast, so the same seed gives the same model on
+        every rank and for every dtype. Returns self.
+        """
+        params = self.parameters()
+        total = sum(p.size for p in params)
+        self.flat_params = xp.zeros(total, dtype=dtype)
+        self.flat_grads = xp.zeros(total, dtype=dtype)
+        offset = 0
+        for p in reversed(params):  # reverse layer order: see the module docstring
+            p.data = self.flat_params[offset : offset + p.size].reshape(p.shape)
+            p.grad = self.flat_grads[offset : offset + p.size].reshape(p.shape)
+            offset += p.size
+        rng = np.random.default_rng(seed)
+        for p in params:
+            p.data[...] = backend.to_device(p.initial_values(rng).astype(dtype), xp)
+        for m in self.modules():
+            m.xp = xp
+        return self
+
+    def zero_grad(self) -> None:
+        """Set every gradient to zero (one fill of the flat gradient buffer)."""
+        self.flat_grads.fill(0)
+
+    def num_parameters(self) -> int:
+        """Total number of trainable elements."""
+        return sum(p.size for p in self.parameters())
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse."""
+
+    def __init__(self, *layers: Module) -> None:
+        self.layers = list(layers)
+
+    def children(self) -> list[Module]:
+        return list(self.layers)
+
+    def _named_children(self) -> list[tuple[str, Module]]:
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
+
+    def forward(self, x: Any) -> Any:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad: Any) -> Any:
+        for layer in reversed(self.layers):
+            grad = layer.backward(grad)
+        return grad

@@ -1,0 +1,44 @@
+"""BLAS/OpenMP threads per rank, so ranks x threads never exceed a node's cores.
+
+Two ranks left at the BLAS default of two threads each on two cores ran a
+small MLP 12-40x slower than with one thread each (see shared NOTES).
+"""
+
+from __future__ import annotations
+
+import os
+
+from mpi4py import MPI
+from threadpoolctl import threadpool_info, threadpool_limits
+
+
+def ranks_on_this_node(comm: MPI.Comm) -> int:
+    """Number of ranks of ``comm`` sharing this node's memory (collective)."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return local.Get_size()
+    finally:
+        local.Free()
+
+
+def cores_available() -> int:
+    """Cores this process may run on."""
+    return max(1, min(os.cpu_count() or 1, len(os.sched_getaffinity(0))))
+
+
+def limit_threads(comm: MPI.Comm, threads: int | None = None) -> int:
+    """Limit BLAS/OpenMP thread pools to ``threads`` or cores // ranks-on-node (at least 1).
+
+    Collective over ``comm`` (it counts the node's ranks). Returns the limit set.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    per_node = ranks_on_this_node(comm)
+    count = threads if threads is not None else max(1, cores_available() // per_node)
+    threadpool_limits(limits=count)
+    return count
+
+
+def thread_pools() -> list[str]:
+    """One line per loaded thread pool: library, API and current thread count."""
+    return [f"{p['internal_api']} ({p['user_api']}): {p['num_threads']} thread(s)" for p in threadpool_info()]

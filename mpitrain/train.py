@@ -1,0 +1,176 @@
+"""The training loop: epochs, evaluation, metrics, progress and the final save."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+from tqdm import tqdm
+
+from mpitrain import backend
+from mpitrain.checkpoint import atomic_save_npz
+from mpitrain.comm import Communicator
+from mpitrain.data import Dataset, ShardedBatches, eval_shard, load_dataset
+from mpitrain.nn import Module, SoftmaxCrossEntropy, build_model
+from mpitrain.optim import LRSchedule, build_optimizer
+from mpitrain.parallel import DataParallel
+
+EVAL_BATCH = 1024
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (the CLI's ``train`` options)."""
+
+    model: str = "mlp"
+    hidden: tuple[int, ...] = ()
+    dataset: str = "digits"
+    synthetic_samples: int = 4096
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    step_size: int = 0
+    gamma: float = 0.1
+    seed: int = 0
+    dtype: str = "float32"
+    backend: str = "numpy"
+    algorithm: str = "ring"
+    metrics: str | None = None
+    save: str | None = None
+    progress: bool = True
+
+
+def evaluate(model: Module, data: Dataset, comm: Communicator) -> tuple[float, float]:
+    """(mean loss, accuracy) over the whole test set; each sample is evaluated on exactly one rank."""
+    part = eval_shard(len(data.x_test), comm.rank, comm.size)
+    x_all, y_all = data.x_test[part], data.y_test[part]
+    totals = np.zeros(3)  # loss sum, correct, count
+    model.eval()
+    loss_fn = SoftmaxCrossEntropy()
+    for start in range(0, len(x_all), EVAL_BATCH):
+        x = backend.to_device(x_all[start : start + EVAL_BATCH].astype(model.flat_params.dtype), model.xp)
+        y = backend.to_device(y_all[start : start + EVAL_BATCH], model.xp)
+        logits = model.forward(x)
+        totals += (loss_fn.forward(logits, y) * len(y), int((logits.argmax(axis=1) == y).sum()), len(y))
+    comm.allreduce(totals, op="sum")
+    return totals[0] / totals[2], totals[1] / totals[2]
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves: the trained model (identical on every rank) and one record per epoch."""
+
+    model: Module
+    history: list[dict[str, Any]]
+
+
+def train(config: TrainConfig, comm: Communicator) -> TrainResult:
+    """Train data-parallel over ``comm``; every rank returns the same result.
+
+    Setup errors on any rank (bad data file, bad sizes) are raised on every rank.
+    """
+    xp = backend.get_array_module(config.backend)
+    dtype = np.dtype(config.dtype)
+    with comm.agreement():
+        data = load_dataset(config.dataset, seed=config.seed, synthetic_samples=config.synthetic_samples)
+        model = build_model(config.model, data.sample_shape, data.num_classes, config.hidden)
+        model.init_params(seed=config.seed, xp=xp, dtype=dtype)
+        batches = ShardedBatches(len(data.x_train), config.batch_size, comm.rank, comm.size, config.seed)
+        schedule = LRSchedule(
+            config.lr,
+            kind=config.schedule,
+            warmup_steps=config.warmup_steps,
+            total_steps=config.epochs * batches.steps_per_epoch,
+            step_size=config.step_size,
+            gamma=config.gamma,
+        )
+        optimizer = build_optimizer(
+            config.optimizer,
+            model.flat_params,
+            model.flat_grads,
+            schedule,
+            momentum=config.momentum if config.optimizer == "sgd" else 0.0,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
+        metrics_file = _open_outputs(config) if comm.rank == 0 else None
+    dp = DataParallel(model, optimizer, comm, algorithm=config.algorithm)
+    dp.broadcast_parameters()
+    leader = comm.rank == 0
+    if leader:
+        print(
+            f"# {config.model} on {data.name}: {model.num_parameters()} parameters, {len(data.x_train)} train / "
+            f"{len(data.x_test)} test samples, {comm.size} rank(s) x batch {config.batch_size}, "
+            f"{batches.steps_per_epoch} steps/epoch",
+            flush=True,
+        )
+    history = []
+    for epoch in range(config.epochs):
+        start = MPI.Wtime()
+        totals = np.zeros(3)  # loss sum, correct, count
+        bar = tqdm(
+            total=batches.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not (leader and config.progress),
+            leave=False,
+            file=sys.stderr,
+        )
+        for idx in batches.batches(epoch):
+            x = backend.to_device(data.x_train[idx].astype(dtype, copy=False), xp)
+            y = backend.to_device(data.y_train[idx], xp)
+            loss, correct = dp.train_step(x, y)
+            totals += (loss * len(idx), correct, len(idx))
+            bar.update()
+        bar.close()
+        train_time = MPI.Wtime() - start
+        comm.allreduce(totals, op="sum")
+        dp.check_replicas()
+        test_loss, test_acc = evaluate(model, data, comm)
+        record = {
+            "epoch": epoch + 1,
+            "loss": totals[0] / totals[2],
+            "train_acc": totals[1] / totals[2],
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "samples_per_s": totals[2] / comm.comm.allreduce(train_time, op=MPI.MAX),
+            "time_s": comm.comm.allreduce(MPI.Wtime() - start, op=MPI.MAX),
+            "lr": optimizer.lr,
+        }
+        history.append(record)
+        if leader:
+            _report(record, metrics_file)
+    if metrics_file is not None:
+        metrics_file.close()
+    if leader and config.save:
+        arrays = {name: backend.to_host(p.data) for name, p in model.named_parameters()}
+        atomic_save_npz(config.save, arrays)
+    return TrainResult(model, history)
+
+
+def _open_outputs(config: TrainConfig) -> Any:
+    """Check the save folder exists and open the metrics file (rank 0), before any training."""
+    if config.save and not os.path.isdir(os.path.dirname(os.path.abspath(config.save))):
+        raise FileNotFoundError(f"--save {config.save}: the folder does not exist")
+    return open(config.metrics, "w") if config.metrics else None
+
+
+def _report(record: dict[str, Any], metrics_file: Any) -> None:
+    print(
+        f"epoch {record['epoch']:3d}  loss {record['loss']:.4f}  train_acc {record['train_acc']:.4f}  "
+        f"test_acc {record['test_acc']:.4f}  {record['samples_per_s']:,.0f} samples/s  {record['time_s']:.2f} s",
+        flush=True,
+    )
+    if metrics_file is not None:
+        metrics_file.write(json.dumps({k: v if isinstance(v, int) else float(v) for k, v in record.items()}) + "\n")
+        metrics_file.flush()

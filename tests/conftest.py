@@ -1,0 +1,83 @@
+"""Test helpers for running the same pytest session on every rank.
+
+Every test marked ``mpi`` ends with a cross-rank agreement on its outcome: a
+failure on one rank fails the test on every rank (naming the ranks), so no
+rank moves on to the next test's collectives while another is stuck. Tests
+do their collectives first and assert afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpitrain.comm import Communicator
+
+WORLD = MPI.COMM_WORLD
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    if item.get_closest_marker("mpi") is None:
+        return (yield)
+    error: BaseException | None = None
+    try:
+        result = yield
+    except BaseException as exc:  # noqa: BLE001 - reported across ranks below
+        error = exc
+        result = None
+    skipped = isinstance(error, pytest.skip.Exception)
+    failed = None if error is None or skipped else f"{type(error).__name__}: {str(error)[:300]}"
+    reports = WORLD.allgather(failed)
+    if error is not None:
+        raise error
+    others = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+    if others:
+        rank, text = others[0]
+        pytest.fail(f"failed on ranks {[r for r, _ in others]}; rank {rank}: {text}", pytrace=False)
+    return result
+
+
+@pytest.fixture
+def comm() -> Communicator:
+    """A checked Communicator over COMM_WORLD."""
+    return Communicator()
+
+
+def mpiexec_command(ranks: int, *args: str) -> list[str]:
+    """An mpiexec command line running ``python -m mpitrain *args`` on ``ranks`` ranks."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(launcher):
+        launcher = shutil.which("mpiexec") or "mpiexec"
+    probe = subprocess.run([launcher, "--version"], capture_output=True, text=True, check=False)
+    extra = ["--oversubscribe"] if "Open MPI" in probe.stdout + probe.stderr else []
+    return [launcher, *extra, "-n", str(ranks), sys.executable, "-m", "mpitrain", *args]
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without the variables of the MPI job it runs in."""
+    prefixes = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPI_LOCAL", "OMPI_COMM", "OMPI_MCA_ess", "PRTE_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env["MPIEXEC_TIMEOUT"] = "240"
+    return env
+
+
+def run_mpitrain(ranks: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``python -m mpitrain`` under a fresh mpiexec; returns the finished process."""
+    return subprocess.run(
+        mpiexec_command(ranks, *args), capture_output=True, text=True, env=clean_env(), timeout=timeout, check=False
+    )
+
+
+def rank_data(n: int, dtype: np.dtype, rank: int, seed: int = 0) -> np.ndarray:
+    """Rank-dependent random data of a dtype (integers small enough not to overflow a sum)."""
+    rng = np.random.default_rng([seed, rank, n])
+    if np.dtype(dtype).kind == "f":
+        return (rng.standard_normal(n) * (rank + 1)).astype(dtype)
+    return rng.integers(-1000, 1000, n).astype(dtype)

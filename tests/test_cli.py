@@ -1,0 +1,71 @@
+"""The command line, run as users run it: under a fresh mpiexec."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mpitrain.cli import UsageError, parse
+from tests.conftest import run_mpitrain
+
+
+def test_default_job_at_two_ranks_trains_and_writes_outputs(tmp_path) -> None:
+    metrics, saved = tmp_path / "m.jsonl", tmp_path / "model.npz"
+    done = run_mpitrain(2, "--no-progress", "--metrics", str(metrics), "--save", str(saved))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("# mpitrain: 2 rank(s)") == 1  # rank 0 alone prints
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, 21))
+    assert {"epoch", "loss", "train_acc", "test_acc", "samples_per_s", "time_s"} <= set(records[-1])
+    assert records[-1]["test_acc"] >= 0.95
+    with np.load(saved) as params:
+        assert sorted(params.files) == ["1.bias", "1.weight", "3.bias", "3.weight", "5.bias", "5.weight"]
+        assert params["1.weight"].shape == (64, 128)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--lr", "-0.1"], "argument --lr: '-0.1': expected a number > 0"),
+        (["--batch-size", "0"], "argument --batch-size: '0': expected an integer >= 1"),
+        (["--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
+        (["--hidden", "12,x"], "argument --hidden: '12,x': expected comma-separated positive sizes"),
+        (["--momentum", "1.5"], "argument --momentum: '1.5': expected a number in [0, 1)"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_bad_arguments_raise_usage_errors(args: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse(args)
+    assert message in str(info.value)
+
+
+def test_bad_argument_prints_once_and_every_rank_exits_nonzero() -> None:
+    done = run_mpitrain(3, "train", "--epochs", "0")
+    assert done.returncode == 2
+    assert done.stderr.count("argument --epochs: '0': expected an integer >= 1") == 1
+
+
+def test_bad_data_file_is_one_clear_error(tmp_path) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((4, 3)), y_train=np.arange(4), x_test=np.zeros((2, 3)))
+    done = run_mpitrain(2, "--dataset", str(bad), "--no-progress")
+    assert done.returncode == 1
+    assert done.stderr.count("missing key(s) y_test") == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_info_reports_world_hosts_and_backends() -> None:
+    done = run_mpitrain(2, "info")
+    assert done.returncode == 0, done.stderr
+    for field in ("MPI library:", "mpi4py:", "world size:    2", "hosts:", "backend:       numpy", "threads:"):
+        assert field in done.stdout
+    assert done.stdout.count("world size") == 1
+
+
+def test_train_is_the_default_command() -> None:
+    assert parse([]).command == "train" and parse(["--epochs", "3"]).epochs == 3
+    assert parse(["info"]).command == "info"
+    assert parse(["train", "--hidden", "64,32"]).hidden == (64, 32)

@@ -1,0 +1,167 @@
+"""Gradients of every layer and loss against central finite differences (float64), and the flat buffers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpitrain.nn import (
+    Conv2d,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    MSELoss,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    SoftmaxCrossEntropy,
+    Tanh,
+    build_model,
+)
+
+EPS = 1e-6
+
+
+def numeric_grad(f, x: np.ndarray) -> np.ndarray:
+    """Central differences of scalar f() with respect to every element of x (modified in place)."""
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        keep = x[i]
+        x[i] = keep + EPS
+        up = f()
+        x[i] = keep - EPS
+        down = f()
+        x[i] = keep
+        grad[i] = (up - down) / (2 * EPS)
+    return grad
+
+
+def check_module(module, x: np.ndarray, seed: int = 0) -> None:
+    """Loss = sum(output * R) for a fixed random R; compare analytic and numeric gradients."""
+    module.init_params(seed=seed, dtype=np.float64)
+    out = module.forward(x)
+    weights = np.random.default_rng(1).standard_normal(out.shape)
+
+    def loss() -> float:
+        return float((module.forward(x) * weights).sum())
+
+    module.zero_grad()
+    module.forward(x)
+    dx = module.backward(weights)
+    assert dx.shape == x.shape
+    np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-7)
+    for name, p in module.named_parameters():
+        np.testing.assert_allclose(p.grad, numeric_grad(loss, p.data), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def random(*shape: int) -> np.ndarray:
+    return np.random.default_rng(sum(shape)).standard_normal(shape)
+
+
+@pytest.mark.parametrize(
+    "module,shape",
+    [
+        (lambda: Linear(5, 3), (4, 5)),
+        (lambda: Linear(7, 2, init="glorot"), (3, 7)),
+        (lambda: Conv2d(2, 3, 3), (2, 2, 5, 6)),
+        (lambda: Conv2d(2, 3, 3, stride=2, padding=1), (2, 2, 7, 5)),
+        (lambda: Conv2d(1, 2, 2, stride=1, padding=2), (1, 1, 3, 3)),
+        (lambda: MaxPool2d(2), (2, 3, 4, 6)),
+        (lambda: MaxPool2d(3, stride=2), (2, 2, 7, 7)),
+        (lambda: MaxPool2d(2), (1, 2, 5, 5)),
+        (lambda: Flatten(), (3, 2, 2, 2)),
+        (lambda: ReLU(), (4, 6)),
+        (lambda: Tanh(), (4, 6)),
+        (lambda: Sigmoid(), (4, 6)),
+        (lambda: Sequential(Conv2d(1, 2, 3, padding=1), ReLU(), MaxPool2d(2), Flatten(), Linear(8, 3)), (2, 1, 4, 4)),
+    ],
+)
+def test_layer_gradients(module, shape) -> None:
+    x = random(*shape)
+    if isinstance(module(), ReLU):
+        x[np.abs(x) < 1e-3] = 0.5  # keep away from the kink
+    check_module(module(), x)
+
+
+def test_dropout_gradient_and_eval() -> None:
+    layer = Dropout(0.3, seed=5)
+    layer.init_params(dtype=np.float64)
+    x = random(50, 40)
+    out = layer.forward(x)
+    dropped = out == 0
+    assert 0.2 < dropped.mean() < 0.4
+    np.testing.assert_allclose(out[~dropped], x[~dropped] / 0.7)
+    np.testing.assert_array_equal(layer.backward(np.ones_like(x)), np.where(dropped, 0.0, 1 / 0.7))
+    layer.eval()
+    assert layer.forward(x) is x
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        Dropout(1.0)
+
+
+def test_softmax_cross_entropy_gradient_and_stability() -> None:
+    loss = SoftmaxCrossEntropy()
+    logits = random(5, 4)
+    labels = np.array([0, 3, 1, 1, 2])
+    loss.forward(logits, labels)
+    np.testing.assert_allclose(loss.backward(), numeric_grad(lambda: loss.forward(logits, labels), logits), atol=1e-8)
+    huge = np.array([[1000.0, 0.0], [-1000.0, 0.0]])
+    value = loss.forward(huge, np.array([0, 1]))
+    assert np.isfinite(value) and value < 1e-10
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(loss.forward(logits, labels), -np.log(p[np.arange(5), labels]).mean())
+
+
+def test_mse_gradient() -> None:
+    loss = MSELoss()
+    pred, target = random(3, 4), random(4, 3).T.copy()
+    np.testing.assert_allclose(loss.forward(pred, target), ((pred - target) ** 2).mean())
+    loss.forward(pred, target)
+    np.testing.assert_allclose(loss.backward(), numeric_grad(lambda: loss.forward(pred, target), pred), atol=1e-8)
+    with pytest.raises(ValueError, match="differ in shape"):
+        loss.forward(pred, target.T)
+
+
+def test_parameters_are_views_of_one_buffer_in_reverse_layer_order() -> None:
+    model = build_model("mlp", (1, 8, 8), 10, (16, 12)).init_params(seed=3)
+    params = model.parameters()
+    assert model.flat_params.size == sum(p.size for p in params) == model.num_parameters()
+    offset = 0
+    for p in reversed(params):
+        assert np.shares_memory(p.data, model.flat_params) and np.shares_memory(p.grad, model.flat_grads)
+        assert p.data.__array_interface__["data"][0] == model.flat_params[offset:].__array_interface__["data"][0]
+        offset += p.size
+    model.flat_grads[:] = 1.0
+    model.zero_grad()
+    assert not any(p.grad.any() for p in params)
+
+
+def test_init_is_seeded_and_scaled() -> None:
+    a = build_model("mlp", (64,), 10, (256,)).init_params(seed=1)
+    b = build_model("mlp", (64,), 10, (256,)).init_params(seed=1)
+    c = build_model("mlp", (64,), 10, (256,)).init_params(seed=2)
+    assert np.array_equal(a.flat_params, b.flat_params)
+    assert not np.array_equal(a.flat_params, c.flat_params)
+    he = a.layers[1].weight.data
+    assert abs(he.std() - np.sqrt(2 / 64)) < 0.1 * np.sqrt(2 / 64)
+    glorot = a.layers[-1].weight.data
+    assert np.abs(glorot).max() <= np.sqrt(6 / (256 + 10))
+    assert not a.layers[1].bias.data.any()
+
+
+def test_models_by_name_and_bad_sizes() -> None:
+    cnn = build_model("cnn", (1, 8, 8), 10).init_params()
+    assert cnn.forward(np.zeros((3, 1, 8, 8), np.float32)).shape == (3, 10)
+    mlp = build_model("mlp", (1, 28, 28), 10, (32,)).init_params()
+    assert mlp.forward(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("resnet", (64,), 10)
+    with pytest.raises(ValueError, match="channels, height>=4"):
+        build_model("cnn", (64,), 10)
+    with pytest.raises(ValueError, match="positive"):
+        build_model("mlp", (64,), 10, (0,))
+    with pytest.raises(ValueError, match="in_features"):
+        Linear(0, 3)
+    with pytest.raises(ValueError, match="expects input"):
+        mlp.layers[1].forward(np.zeros((2, 5)))

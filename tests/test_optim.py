@@ -1,0 +1,119 @@
+"""Optimizer updates and LR schedules against their published formulas, written out step by step."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mpitrain.optim import SGD, Adam, AdamW, LRSchedule, build_optimizer
+
+STEPS = 5
+
+
+def run(opt_factory, n: int = 7):
+    """Run STEPS updates with seeded gradients; return (final params, initial params, the gradients)."""
+    rng = np.random.default_rng(0)
+    params = rng.standard_normal(n)
+    grads = np.zeros(n)
+    start = params.copy()
+    opt = opt_factory(params, grads)
+    history = []
+    for _ in range(STEPS):
+        grads[:] = rng.standard_normal(n)
+        history.append(grads.copy())
+        opt.step()
+    return params, start, history
+
+
+@pytest.mark.parametrize(
+    "momentum,nesterov,wd", [(0.0, False, 0.0), (0.9, False, 0.0), (0.9, True, 0.01), (0.5, False, 0.1)]
+)
+def test_sgd_matches_formula(momentum: float, nesterov: bool, wd: float) -> None:
+    lr = 0.1
+    got, p, grads = run(lambda w, g: SGD(w, g, lr, momentum=momentum, nesterov=nesterov, weight_decay=wd))
+    buf = np.zeros_like(p)
+    for g in grads:
+        d = g + wd * p
+        if momentum:
+            buf = momentum * buf + d
+            d = d + momentum * buf if nesterov else buf
+        p = p - lr * d
+    np.testing.assert_allclose(got, p, rtol=1e-13)
+
+
+@pytest.mark.parametrize("cls,wd", [(Adam, 0.0), (Adam, 0.05), (AdamW, 0.05)])
+def test_adam_matches_formula(cls, wd: float) -> None:
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
+    got, p, grads = run(lambda w, g: cls(w, g, lr, weight_decay=wd))
+    m = v = np.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        if cls is AdamW:
+            p = p - lr * wd * p
+        else:
+            g = g + wd * p
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p = p - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+    np.testing.assert_allclose(got, p, rtol=1e-12)
+
+
+def test_schedules() -> None:
+    warm = LRSchedule(0.1, warmup_steps=4)
+    assert [warm(s) for s in range(6)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    step = LRSchedule(1.0, kind="step", step_size=3, gamma=0.5, warmup_steps=2)
+    assert [step(s) for s in range(2, 10)] == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25])
+    cos = LRSchedule(1.0, kind="cosine", total_steps=12, warmup_steps=2, min_lr=0.1)
+    for s in range(2, 14):
+        frac = min((s - 2) / 10, 1.0)
+        assert cos(s) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    assert cos(2) == pytest.approx(1.0) and cos(12) == pytest.approx(0.1) and cos(50) == pytest.approx(0.1)
+
+
+def test_optimizer_follows_its_schedule() -> None:
+    params, grads = np.zeros(3), np.ones(3)
+    opt = SGD(params, grads, LRSchedule(1.0, warmup_steps=2))
+    opt.step()
+    opt.step()
+    np.testing.assert_allclose(params, -(0.5 + 1.0))
+    assert opt.steps == 2 and opt.lr == 1.0
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    def factory(w, g):
+        return build_optimizer("adamw", w, g, 0.01, weight_decay=0.1)
+
+    full, _, _ = run(factory)
+    rng = np.random.default_rng(0)
+    params = rng.standard_normal(7)
+    grads = np.zeros(7)
+    first = factory(params, grads)
+    for _ in range(2):
+        grads[:] = rng.standard_normal(7)
+        first.step()
+    second = factory(params, grads)
+    second.load_state_dict({k: np.copy(v) for k, v in first.state_dict().items()})
+    for _ in range(STEPS - 2):
+        grads[:] = rng.standard_normal(7)
+        second.step()
+    np.testing.assert_array_equal(params, full)
+
+
+def test_bad_hyperparameters() -> None:
+    w, g = np.zeros(3), np.zeros(3)
+    for bad, match in [
+        (lambda: SGD(w, g, -0.1), "positive finite"),
+        (lambda: SGD(w, g, float("nan")), "positive finite"),
+        (lambda: SGD(w, g, 0.1, momentum=1.0), "momentum"),
+        (lambda: SGD(w, g, 0.1, nesterov=True), "Nesterov"),
+        (lambda: SGD(w, g, 0.1, weight_decay=-1), "weight_decay"),
+        (lambda: Adam(w, g, 0.1, betas=(0.9, 1.0)), "betas"),
+        (lambda: SGD(w, np.zeros(4), 0.1), "one shape"),
+        (lambda: build_optimizer("lamb", w, g, 0.1), "unknown optimizer"),
+        (lambda: LRSchedule(0.1, kind="cosine", total_steps=3, warmup_steps=3), "total_steps"),
+        (lambda: LRSchedule(0.1, kind="step"), "step_size"),
+        (lambda: LRSchedule(0.1, kind="linear"), "unknown schedule"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            bad()
