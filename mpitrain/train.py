@@ -45,7 +45,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     backend: str = "numpy"
-    algorithm: str = "ring"
+    algorithm: str = "auto"
     metrics: str | None = None
     save: str | None = None
     progress: bool = True
@@ -85,7 +85,6 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
     with comm.agreement():
         data = load_dataset(config.dataset, seed=config.seed, synthetic_samples=config.synthetic_samples)
         model = build_model(config.model, data.sample_shape, data.num_classes, config.hidden)
-        model.init_params(seed=config.seed, xp=xp, dtype=dtype)
         batches = ShardedBatches(len(data.x_train), config.batch_size, comm.rank, comm.size, config.seed)
         schedule = LRSchedule(
             config.lr,
@@ -95,16 +94,19 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
             step_size=config.step_size,
             gamma=config.gamma,
         )
-        optimizer = build_optimizer(
-            config.optimizer,
-            model.flat_params,
-            model.flat_grads,
-            schedule,
-            momentum=config.momentum if config.optimizer == "sgd" else 0.0,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
-        )
         metrics_file = _open_outputs(config) if comm.rank == 0 else None
+    # Host gradients live in node-shared memory, where the all-reduce reads peers directly
+    # (allocating is collective, so it happens only once every rank's setup has succeeded).
+    model.init_params(seed=config.seed, xp=xp, dtype=dtype, allocate=comm.allocate if xp is np else None)
+    optimizer = build_optimizer(
+        config.optimizer,
+        model.flat_params,
+        model.flat_grads,
+        schedule,
+        momentum=config.momentum if config.optimizer == "sgd" else 0.0,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
     dp = DataParallel(model, optimizer, comm, algorithm=config.algorithm)
     dp.broadcast_parameters()
     leader = comm.rank == 0

@@ -1,4 +1,4 @@
-"""Ring all-reduce and tree broadcast against MPI's native collectives, and bad input."""
+"""Every collective and algorithm against MPI's native collective, on rank-dependent data, and bad input."""
 
 from __future__ import annotations
 
@@ -8,66 +8,137 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpitrain.comm import Communicator, raised_on_all_ranks
+from mpitrain.comm import Communicator, Tuning, raised_on_all_ranks
 from tests.conftest import WORLD, rank_data
 
 P = WORLD.Get_size()
 SIZES = sorted({0, 1, max(P - 1, 1), P + 1, 2 * P + 3, 1000, 262_147, 5_000_011})
-DTYPES = [np.float32, np.float64, np.int32, np.int64]
+DTYPES = [np.float16, np.float32, np.float64, np.int32, np.int64]
 NATIVE = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+TINY = Tuning(segment_bytes=64)  # many segments per chunk even for small buffers
 
 
 def native_reduce(x: np.ndarray, op: str) -> np.ndarray:
-    out = x.copy()
+    """MPI's in-place Allreduce on a float64/int64 copy (float16 is reduced in float32 by us)."""
+    out = x.astype(np.float64 if x.dtype.kind == "f" else np.int64)
     WORLD.Allreduce(MPI.IN_PLACE, out, op=NATIVE["sum" if op == "mean" else op])
     return out / P if op == "mean" else out
 
 
 def tolerance(x: np.ndarray) -> float:
-    """Round-off bound for a float sum over ranks: p * eps * sum of |terms|."""
+    """Round-off bound for a float reduction over ranks: (p + 1) * eps * max |partial sum|."""
     if x.dtype.kind != "f":
         return 0.0
     total = np.abs(x).astype(np.float64)
     WORLD.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
-    return float(P * np.finfo(x.dtype).eps * total.max(initial=0.0))
+    return float((P + 1) * np.finfo(x.dtype).eps * total.max(initial=0.0))
+
+
+def same_on_every_rank(x: np.ndarray) -> bool:
+    digests = WORLD.allgather(hashlib.sha256(x.tobytes()).hexdigest())
+    return len(set(digests)) == 1
+
+
+def max_error(x: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(x.astype(np.float64) - expected).max(initial=0.0))
+
+
+@pytest.fixture(scope="module")
+def shared_comm() -> Communicator:
+    return Communicator(tuning=Tuning(segment_bytes=4096))
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ring_allreduce_sum_matches_native(comm: Communicator, n: int, dtype: type) -> None:
+@pytest.mark.parametrize("algorithm", ["ring", "doubling", "native", "auto"])
+def test_allreduce_sum_matches_native(comm: Communicator, n: int, dtype: type, algorithm: str) -> None:
     x = rank_data(n, dtype, comm.rank)
     expected, tol = native_reduce(x, "sum"), tolerance(x)
-    result = comm.allreduce(x, op="sum", algorithm="ring")
-    digests = WORLD.allgather(hashlib.sha256(x.tobytes()).hexdigest())
+    result = comm.allreduce(x, op="sum", algorithm=algorithm)
+    identical = same_on_every_rank(x)
     assert result is x
-    assert np.abs(x.astype(np.float64) - expected).max(initial=0.0) <= tol
-    assert len(set(digests)) == 1, "ring results differ between ranks"
+    assert max_error(x, expected) <= tol
+    assert identical or algorithm in ("native", "auto"), "results differ between ranks"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.int64])
+def test_shared_memory_allreduce_matches_native(shared_comm: Communicator, n: int, dtype: type) -> None:
+    buf = shared_comm.allocate(n + 5, dtype)
+    view = buf[3 : 3 + n]  # an offset inside the shared buffer
+    view[...] = rank_data(n, dtype, shared_comm.rank)
+    expected, tol = native_reduce(view, "sum"), tolerance(view)
+    shared_comm.allreduce(view, algorithm="shm")
+    identical = same_on_every_rank(view)
+    assert max_error(view, expected) <= tol and identical
+    assert not buf[:3].any() and not buf[3 + n :].any()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("n", [1, 7, 1000, 262_147])
+@pytest.mark.parametrize("op", ["sum", "mean", "max"])
+def test_hierarchical_allreduce_over_two_fake_nodes(n: int, op: str) -> None:
+    comm = Communicator(node_size=2, tuning=Tuning(segment_bytes=2048))
+    assert comm.shared is not None and comm.shared.cross is not None
+    buf = comm.allocate(n, np.float64)
+    buf[...] = rank_data(n, np.float64, comm.rank)
+    expected, tol = native_reduce(buf, op), tolerance(buf)
+    comm.allreduce(buf, op=op, algorithm="auto" if n > 10_000 else "shm")
+    ok = max_error(buf, expected) <= tol and same_on_every_rank(buf)
+    comm.free()  # buf is no longer valid memory after this
+    assert ok
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("op", ["mean", "max", "min"])
+@pytest.mark.parametrize("algorithm", ["ring", "doubling", "shm", "native"])
 @pytest.mark.parametrize("n", [0, 1, P + 1, 100_003])
-def test_ring_allreduce_ops(comm: Communicator, op: str, n: int) -> None:
-    for dtype in (np.float64, np.int32) if op != "mean" else (np.float32, np.float64):
-        x = rank_data(n, dtype, comm.rank, seed=7)
+def test_allreduce_ops(shared_comm: Communicator, op: str, algorithm: str, n: int) -> None:
+    for dtype in (np.float16, np.float64, np.int32) if op != "mean" else (np.float16, np.float32):
+        data = rank_data(n, dtype, shared_comm.rank, seed=7)
+        x = shared_comm.allocate(n, dtype) if algorithm == "shm" else data.copy()
+        x[...] = data
         expected, tol = native_reduce(x, op), tolerance(x)
-        comm.allreduce(x, op=op)
-        assert np.abs(x.astype(np.float64) - expected).max(initial=0.0) <= tol, dtype
+        shared_comm.allreduce(x, op=op, algorithm=algorithm)
+        assert max_error(x, expected) <= tol, dtype
 
 
 @pytest.mark.mpi
-def test_native_algorithm_and_multidimensional_buffer(comm: Communicator) -> None:
-    x = rank_data(60, np.float64, comm.rank).reshape(3, 4, 5)
-    expected = native_reduce(x, "mean")
-    comm.allreduce(x, op="mean", algorithm="native")
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("algorithm", ["ring", "native"])
+@pytest.mark.parametrize("op", ["sum", "mean", "max"])
+def test_reduce_scatter_then_allgather(comm: Communicator, n: int, algorithm: str, op: str) -> None:
+    x = rank_data(n, np.float64, comm.rank, seed=11)
+    expected, tol = native_reduce(x, op), tolerance(x)
+    start, stop = comm.reduce_scatter(x, op=op, algorithm=algorithm)
+    owned_ok = max_error(x[start:stop], expected[start:stop]) <= tol
+    comm.allgather(x, algorithm=algorithm)
+    bounds = WORLD.allgather((start, stop))
+    assert (start, stop) == comm.chunk_bounds(n)[comm.rank] and owned_ok
+    assert bounds == comm.chunk_bounds(n)
+    assert max_error(x, expected) <= tol
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_allgather_collects_each_ranks_chunk(comm: Communicator, dtype: type) -> None:
+    n = 3 * P + 2
+    bounds = comm.chunk_bounds(n)
+    x = np.zeros(n, dtype)
+    a, b = bounds[comm.rank]
+    x[a:b] = comm.rank + 1
+    comm.allgather(x, algorithm="ring")
+    expected = np.concatenate([np.full(hi - lo, r + 1, dtype) for r, (lo, hi) in enumerate(bounds)])
     assert np.array_equal(x, expected)
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("algorithm", ["tree", "native"])
-def test_broadcast_every_root(comm: Communicator, n: int, algorithm: str) -> None:
+@pytest.mark.parametrize("algorithm", ["tree", "scatter", "native", "auto"])
+def test_broadcast_every_root(shared_comm: Communicator, n: int, algorithm: str) -> None:
+    comm = shared_comm
     ok = True
     for root in range(comm.size):
         x = rank_data(n, np.float32, comm.rank, seed=root)
@@ -80,21 +151,41 @@ def test_broadcast_every_root(comm: Communicator, n: int, algorithm: str) -> Non
 
 @pytest.mark.mpi
 def test_segment_pipelining_with_tiny_segments() -> None:
-    comm = Communicator(segment_bytes=64)
+    comm = Communicator(tuning=TINY)
     for n in (0, 3, 17 * P + 5, 10_001):
         x = rank_data(n, np.float64, comm.rank, seed=3)
         expected, tol = native_reduce(x, "sum"), tolerance(x)
-        comm.allreduce(x)
-        assert np.abs(x - expected).max(initial=0.0) <= tol
+        comm.allreduce(x, algorithm="ring")
+        assert max_error(x, expected) <= tol
 
 
 @pytest.mark.mpi(min_size=2)
-def test_scratch_is_reused_between_calls(comm: Communicator) -> None:
-    comm.allreduce(np.ones(100_000, np.float32))
+def test_scratch_is_two_segments_reused_between_calls(comm: Communicator) -> None:
+    comm.allreduce(np.ones(100_000, np.float32), algorithm="ring")
     first = comm._scratch[np.dtype(np.float32)]
-    comm.allreduce(np.ones(300_000, np.float32))
+    comm.allreduce(np.ones(3_000_000, np.float32), algorithm="ring")
     assert comm._scratch[np.dtype(np.float32)] is first
-    assert first.nbytes == 2 * comm.segment_bytes
+    assert first.nbytes == 2 * comm.tuning.segment_bytes
+
+
+@pytest.mark.mpi
+def test_auto_choice_follows_the_thresholds(comm: Communicator) -> None:
+    small, large = comm.tuning.allreduce_small_bytes, comm.tuning.broadcast_large_bytes
+    assert comm._auto_allreduce(np.zeros(small // 4 - 1, np.float32), shared=True) == "native"
+    assert comm._auto_allreduce(np.zeros(small // 4, np.float32), shared=False) == "ring"
+    assert comm._auto_allreduce(np.zeros(small // 4, np.float32), shared=True) == "shm"
+    assert large > small
+
+
+def test_tuning_from_environment() -> None:
+    tuned = Tuning.from_env({"MPITRAIN_SEGMENT_BYTES": "4096", "MPITRAIN_ALLREDUCE_SMALL_BYTES": "0"})
+    assert tuned.segment_bytes == 4096 and tuned.allreduce_small_bytes == 0
+    assert tuned.broadcast_large_bytes == Tuning().broadcast_large_bytes
+    assert "segment_bytes=4096" in tuned.describe()
+    with pytest.raises(ValueError, match="MPITRAIN_SEGMENT_BYTES='4k': expected an integer"):
+        Tuning.from_env({"MPITRAIN_SEGMENT_BYTES": "4k"})
+    with pytest.raises(ValueError, match="segment_bytes must be at least 64"):
+        Tuning(segment_bytes=8)
 
 
 def _raises_everywhere(call, exc_type: type, fragment: str) -> None:
@@ -128,6 +219,9 @@ def test_bad_buffer_on_one_rank_raises_on_every_rank(comm: Communicator) -> None
     _raises_everywhere(lambda: comm.allreduce(np.zeros(4, np.int64), op="mean"), TypeError, "floating dtype")
     _raises_everywhere(lambda: comm.allreduce(good.copy(), op="prod"), ValueError, "unknown op 'prod'")
     _raises_everywhere(lambda: comm.allreduce(good.copy(), algorithm="magic"), ValueError, "unknown algorithm")
+    _raises_everywhere(lambda: comm.allreduce(good.copy(), algorithm="shm"), ValueError, "Communicator.allocate")
+    _raises_everywhere(lambda: comm.reduce_scatter(good.copy(), algorithm="tree"), ValueError, "unknown algorithm")
+    _raises_everywhere(lambda: comm.allgather(np.zeros(12)[::2]), ValueError, "C-contiguous")
     _raises_everywhere(lambda: comm.broadcast(good.copy(), root=comm.size), ValueError, "outside [0,")
 
 
@@ -141,6 +235,7 @@ def test_ranks_that_disagree_get_the_same_error(comm: Communicator) -> None:
     _raises_everywhere(
         lambda: comm.allreduce(np.zeros(5), op="sum" if comm.rank else "max"), ValueError, "ranks disagree"
     )
+    _raises_everywhere(lambda: comm.allgather(np.zeros(4 + comm.rank)), ValueError, "ranks disagree")
     # The communicator is still usable afterwards.
     x = np.ones(5)
     comm.allreduce(x)
@@ -152,10 +247,12 @@ def test_unchecked_mode_raises_local_errors_locally() -> None:
     comm = Communicator(checked=False)
     with pytest.raises(ValueError, match="unknown op"):
         comm.allreduce(np.zeros(3), op="prod")
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        comm.allreduce(np.zeros(3, np.complex64))
     x = rank_data(1001, np.float64, comm.rank)
     expected, tol = native_reduce(x, "sum"), tolerance(x)
     comm.allreduce(x)
-    assert np.abs(x - expected).max() <= tol
+    assert max_error(x, expected) <= tol
 
 
 @pytest.mark.mpi
@@ -168,8 +265,3 @@ def test_agreement_raises_one_ranks_error_everywhere(comm: Communicator) -> None
     _raises_everywhere(body, FileNotFoundError, f"rank {comm.size - 1}: data.npz: no such file")
     with comm.agreement():
         pass
-
-
-def test_segment_bytes_is_validated() -> None:
-    with pytest.raises(ValueError, match="segment_bytes"):
-        Communicator(MPI.COMM_SELF, segment_bytes=8)

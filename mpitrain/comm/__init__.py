@@ -1,5 +1,7 @@
-"""Collectives layer: ring all-reduce, tree broadcast, and the Communicator that checks and dispatches."""
+"""Collectives layer: ring, recursive doubling, tree, shared memory, and the Communicator that checks and dispatches."""
 
-from mpitrain.comm.communicator import Communicator, mark_all_ranks, raised_on_all_ranks
+from mpitrain.comm.checks import mark_all_ranks, raised_on_all_ranks
+from mpitrain.comm.communicator import Communicator
+from mpitrain.comm.tuning import Tuning
 
-__all__ = ["Communicator", "mark_all_ranks", "raised_on_all_ranks"]
+__all__ = ["Communicator", "Tuning", "mark_all_ranks", "raised_on_all_ranks"]

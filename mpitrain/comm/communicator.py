@@ -1,38 +1,47 @@
-"""Communicator: validates buffers across ranks and dispatches to an algorithm.
+"""Communicator: checks a call across ranks, picks an algorithm, runs it.
 
 All collectives run on a private duplicate of the communicator passed in, so
-they never match a user's own messages.
+they never match a user's own messages. Buffers are C-contiguous numpy
+arrays of float16 (reduced in float32 arithmetic), float32, float64, int32 or
+int64, reduced in place.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.comm import ring, tree
+from mpitrain.comm import doubling, ring, tree
+from mpitrain.comm.checks import (
+    ERROR_TYPES,
+    Problem,
+    agree_on_call,
+    agree_on_error,
+    buffer_problem,
+    choice_problem,
+    op_problem,
+    root_problem,
+)
+from mpitrain.comm.shm import SharedBuffers
+from mpitrain.comm.tuning import Tuning
 
-DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int32), np.dtype(np.int64))
-OPS = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
+UFUNCS = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
 NATIVE_OPS = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
-ALLREDUCE_ALGORITHMS = ("ring", "native")
-BROADCAST_ALGORITHMS = ("tree", "native")
-DEFAULT_SEGMENT_BYTES = 1 << 20
-_ERROR_TYPES = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, RuntimeError)}
+ALLREDUCE_ALGORITHMS = ("auto", "ring", "doubling", "shm", "native")
+SCATTER_GATHER_ALGORITHMS = ("auto", "ring", "native")
+BROADCAST_ALGORITHMS = ("auto", "tree", "scatter", "native")
 
 
-def mark_all_ranks(exc: BaseException) -> BaseException:
-    """Tag an exception as raised identically on every rank (so one rank may report it)."""
-    exc.on_all_ranks = True  # type: ignore[attr-defined]
-    return exc
-
-
-def raised_on_all_ranks(exc: BaseException) -> bool:
-    """True when ``exc`` was raised on every rank by a cross-rank agreement."""
-    return getattr(exc, "on_all_ranks", False)
+def reducer(op: str, dtype: np.dtype) -> Callable[..., Any]:
+    """The in-place reduction ``f(a, b, out=...)`` for an op; float16 is computed in float32."""
+    ufunc = UFUNCS[op]
+    if dtype == np.float16:
+        return lambda a, b, out: ufunc(a, b, out=out, dtype=np.float32)
+    return ufunc
 
 
 class Communicator:
@@ -44,59 +53,182 @@ class Communicator:
             dtype, op, root, algorithm) with a small allgather, so a mismatch
             or a bad buffer on any rank raises the same error on every rank
             instead of hanging. Costs one small allgather per call.
-        segment_bytes: pipelining segment of the ring; scratch is 2 segments.
+        tuning: thresholds for ``algorithm="auto"`` and the ring segment size
+            (default: ``Tuning.from_env()``).
+        node_size: treat each run of this many consecutive ranks as one node
+            instead of asking MPI which ranks share memory (to exercise the
+            hierarchical path on one machine).
     """
 
-    def __init__(self, comm: MPI.Comm | None = None, checked: bool = True, segment_bytes: int = DEFAULT_SEGMENT_BYTES):
-        if segment_bytes < 64:
-            raise ValueError(f"segment_bytes must be at least 64, got {segment_bytes}")
+    def __init__(
+        self,
+        comm: MPI.Comm | None = None,
+        checked: bool = True,
+        tuning: Tuning | None = None,
+        node_size: int | None = None,
+    ) -> None:
         self.comm = (MPI.COMM_WORLD if comm is None else comm).Dup()
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.checked = checked
-        self.segment_bytes = segment_bytes
+        self.tuning = Tuning.from_env() if tuning is None else tuning
         self._scratch: dict[np.dtype, np.ndarray] = {}
+        self.shared = self._shared_buffers(node_size)
 
-    def allreduce(self, buf: np.ndarray, op: str = "sum", algorithm: str = "ring") -> np.ndarray:
+    def _shared_buffers(self, node_size: int | None) -> SharedBuffers | None:
+        if node_size is None:
+            node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        else:
+            if node_size < 1:
+                raise ValueError(f"node_size must be >= 1, got {node_size}")
+            node = self.comm.Split(self.rank // node_size, key=self.rank)
+        sizes = self.comm.allgather(node.Get_size())
+        if len(set(sizes)) != 1:  # uneven nodes: no hierarchical path, plain ring instead
+            node.Free()
+            return None
+        cross = None
+        if node.Get_size() < self.size:
+            cross = self.comm.Split(node.Get_rank(), key=self.rank)
+        return SharedBuffers(node, cross)
+
+    @property
+    def segment(self) -> int:
+        """Ring segment size in bytes."""
+        return self.tuning.segment_bytes
+
+    def chunk_bounds(self, count: int) -> list[tuple[int, int]]:
+        """(start, stop) of each rank's chunk of a ``count``-element buffer in reduce_scatter / allgather."""
+        return ring.chunk_bounds(count, self.size)
+
+    def allocate(self, count: int, dtype: Any = np.float32) -> np.ndarray:
+        """A zeroed 1-D buffer that the ranks of a node share (collective).
+
+        All-reduce on such buffers reads peers' memory directly (``shm``),
+        the fastest path inside a node. Falls back to a plain array when nodes
+        hold different numbers of ranks.
+        """
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        if self.shared is None:
+            return np.zeros(count, dtype=dtype)
+        return self.shared.allocate(count, dtype)
+
+    def allreduce(self, buf: np.ndarray, op: str = "sum", algorithm: str = "auto") -> np.ndarray:
         """Reduce ``buf`` over all ranks, in place, and return it.
 
-        Contract: same length, dtype, op and algorithm on every rank. op is
-        "sum", "mean" (floating dtypes only), "max" or "min"; algorithm is
-        "ring" (bandwidth-optimal, bit-identical results on every rank) or
-        "native" (MPI's own in-place Allreduce).
+        Contract: same length, dtype, op and algorithm on every rank; for
+        "shm", buffers from ``allocate`` at the same offset on every rank.
+        op: "sum", "mean" (floating dtypes), "max", "min". algorithm:
+        "ring" (bandwidth-optimal, pipelined), "doubling" (recursive doubling,
+        few rounds for small buffers), "shm" (node shared memory, hierarchical
+        across nodes), "native" (MPI's in-place Allreduce), or "auto":
+        native below ``tuning.allreduce_small_bytes``, else shm for shared
+        buffers, else ring. Every algorithm but native gives bit-identical
+        results on every rank.
 
         Raises:
             TypeError: not a numpy array, or an unsupported dtype.
             ValueError: non-contiguous or read-only buffer, unknown op or
                 algorithm, or ranks that disagree (checked mode: on every rank).
         """
-        self._validate("allreduce", buf, ALLREDUCE_ALGORITHMS, algorithm, op=op)
+        flat = buf.reshape(-1) if isinstance(buf, np.ndarray) else buf
+        shared = self.shared.find(flat) if self.shared is not None else None
+        problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, ALLREDUCE_ALGORITHMS)
+        problem = problem or op_problem(op, buf.dtype)
+        if problem is None and algorithm == "shm" and shared is None and buf.size:
+            problem = "ValueError", "algorithm 'shm' needs a buffer from Communicator.allocate"
+        self._check("allreduce", buf, problem, op=op, algorithm=algorithm, shared=shared and shared[1])
+        if self.size == 1 or flat.size == 0:
+            return buf
+        if algorithm == "auto":
+            algorithm = self._auto_allreduce(flat, shared is not None)
+        reduce = reducer(op, flat.dtype)
+        finish = (lambda chunk: np.divide(chunk, self.size, out=chunk)) if op == "mean" else None
+        if algorithm == "native":
+            self.comm.Allreduce(MPI.IN_PLACE, flat, op=NATIVE_OPS[op])
+            if finish is not None:
+                finish(flat)
+        elif algorithm == "doubling":
+            doubling.allreduce(self.comm, flat, reduce, self._scratch_for(flat.dtype, flat.size))
+            if finish is not None:
+                finish(flat)
+        elif algorithm == "shm":
+            window, offset = shared
+            scratch = self._scratch_for(flat.dtype)
+            self.shared.allreduce(window, offset, flat.size, reduce, finish, self._segment_elems(flat), scratch)
+        else:
+            ring.allreduce(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype), finish)
+        return buf
+
+    def reduce_scatter(self, buf: np.ndarray, op: str = "sum", algorithm: str = "auto") -> tuple[int, int]:
+        """Reduce ``buf`` over all ranks so that this rank's chunk holds the result; return its (start, stop).
+
+        In place; chunks are ``chunk_bounds(buf.size)``, rank r owning chunk
+        r; other chunks are left with partial results. Contract: same length,
+        dtype, op and algorithm on every rank. algorithm: "ring" (auto) or
+        "native" (MPI's Reduce_scatter). Raises as ``allreduce``.
+        """
+        problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, SCATTER_GATHER_ALGORITHMS)
+        problem = problem or op_problem(op, buf.dtype)
+        self._check("reduce_scatter", buf, problem, op=op, algorithm=algorithm)
+        flat = buf.reshape(-1)
+        start, stop = self.chunk_bounds(flat.size)[self.rank]
+        if self.size > 1 and flat.size:
+            if algorithm == "native":
+                # Out of place: MPICH 5.0.2's in-place Reduce_scatter fails an overlap
+                # assertion at 4 ranks and uneven chunks of a few hundred KiB.
+                counts = [b - a for a, b in self.chunk_bounds(flat.size)]
+                result = np.empty(stop - start, flat.dtype)
+                self.comm.Reduce_scatter(flat, result, counts, op=NATIVE_OPS[op])
+                flat[start:stop] = result
+            else:
+                reduce = reducer(op, flat.dtype)
+                ring.reduce_scatter(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype))
+        if op == "mean":
+            np.divide(flat[start:stop], self.size, out=flat[start:stop])
+        return start, stop
+
+    def allgather(self, buf: np.ndarray, algorithm: str = "auto") -> np.ndarray:
+        """Fill every rank's ``buf`` with chunk r taken from rank r, in place; return ``buf``.
+
+        Chunks are ``chunk_bounds(buf.size)``. Contract: same length, dtype
+        and algorithm on every rank. algorithm: "ring" (auto) or "native"
+        (MPI's Allgatherv). Raises as ``allreduce``.
+        """
+        problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, SCATTER_GATHER_ALGORITHMS)
+        self._check("allgather", buf, problem, algorithm=algorithm)
         flat = buf.reshape(-1)
         if self.size == 1 or flat.size == 0:
             return buf
         if algorithm == "native":
-            self.comm.Allreduce(MPI.IN_PLACE, flat, op=NATIVE_OPS[op])
-            if op == "mean":
-                flat /= self.size
-            return buf
-        finish = (lambda chunk: np.divide(chunk, self.size, out=chunk)) if op == "mean" else None
-        segment = self._segment_elems(flat.dtype)
-        ring.allreduce(self.comm, flat, OPS[op], segment, self._scratch_for(flat.dtype), finish)
+            bounds = self.chunk_bounds(flat.size)
+            counts, displs = [b - a for a, b in bounds], [a for a, _ in bounds]
+            self.comm.Allgatherv(MPI.IN_PLACE, [flat, (counts, displs)])
+        else:
+            ring.allgather(self.comm, flat, self._segment_elems(flat))
         return buf
 
-    def broadcast(self, buf: np.ndarray, root: int = 0, algorithm: str = "tree") -> np.ndarray:
+    def broadcast(self, buf: np.ndarray, root: int = 0, algorithm: str = "auto") -> np.ndarray:
         """Copy ``buf`` from ``root`` to every rank, in place, and return it.
 
         Contract: same length, dtype, root and algorithm on every rank.
-        algorithm is "tree" (binomial tree) or "native" (MPI's Bcast).
+        algorithm: "tree" (binomial tree), "scatter" (scatter + ring
+        all-gather, for large buffers), "native" (MPI's Bcast), or "auto":
+        scatter from ``tuning.broadcast_large_bytes``, tree below.
 
         Raises:
             TypeError / ValueError: as for ``allreduce``; also a root outside [0, size).
         """
-        self._validate("broadcast", buf, BROADCAST_ALGORITHMS, algorithm, root=root)
+        problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, BROADCAST_ALGORITHMS)
+        problem = problem or root_problem(root, self.size)
+        self._check("broadcast", buf, problem, root=root, algorithm=algorithm)
         flat = buf.reshape(-1)
+        if algorithm == "auto":
+            algorithm = "scatter" if flat.nbytes >= self.tuning.broadcast_large_bytes else "tree"
         if algorithm == "native":
             self.comm.Bcast(flat, root=root)
+        elif algorithm == "scatter":
+            tree.scatter_allgather(self.comm, flat, root, self._segment_elems(flat))
         else:
             tree.broadcast(self.comm, flat, root)
         return buf
@@ -106,21 +238,8 @@ class Communicator:
         return self.comm.allgather(obj)
 
     def agree(self, error: BaseException | None) -> None:
-        """Raise on every rank if any rank passes an error; otherwise return on every rank.
-
-        The raised exception has the type of the lowest failing rank's error
-        (ValueError, TypeError, FileNotFoundError, else RuntimeError) and a
-        message naming that rank.
-        """
-        local = None if error is None else (type(error).__name__, str(error))
-        reports = self.comm.allgather(local)
-        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
-        if not failed:
-            return
-        rank, (kind, message) = failed[0]
-        others = f" (also failed on ranks {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
-        exc = _ERROR_TYPES.get(kind, RuntimeError)(f"rank {rank}: {message}{others}")
-        raise mark_all_ranks(exc) from error
+        """Raise on every rank if any rank passes an error (see ``checks.agree_on_error``)."""
+        agree_on_error(self.comm, error)
 
     @contextlib.contextmanager
     def agreement(self) -> Iterator[None]:
@@ -132,64 +251,37 @@ class Communicator:
         else:
             self.agree(None)
 
-    def _segment_elems(self, dtype: np.dtype) -> int:
-        return max(1, self.segment_bytes // dtype.itemsize)
+    def free(self) -> None:
+        """Release shared windows and communicators (collective).
 
-    def _scratch_for(self, dtype: np.dtype) -> np.ndarray:
-        scratch = self._scratch.get(dtype)
-        if scratch is None:
-            scratch = self._scratch[dtype] = np.empty(2 * self._segment_elems(dtype), dtype=dtype)
-        return scratch
+        The object, and every array that ``allocate`` returned, is unusable afterwards.
+        """
+        if self.shared is not None:
+            self.shared.free()
+        self.comm.Free()
 
-    def _validate(self, name: str, buf: Any, algorithms: tuple[str, ...], algorithm: str, **params: Any) -> None:
-        problem = _local_problem(buf, algorithms, algorithm, self.size, **params)
+    def _auto_allreduce(self, flat: np.ndarray, shared: bool) -> str:
+        if flat.nbytes < self.tuning.allreduce_small_bytes:
+            return "native"
+        return "shm" if shared else "ring"
+
+    def _check(self, name: str, buf: Any, problem: Problem | None, **params: Any) -> None:
         if not self.checked:
             if problem is not None:
-                raise problem[0](f"{name}: {problem[1]}")
+                raise ERROR_TYPES[problem[0]](f"{name}: {problem[1]}")
             return
-        fingerprint = (name, algorithm, *sorted(params.items()))
+        fingerprint = dict(params)
         if problem is None:
-            fingerprint += (("length", buf.size), ("dtype", str(buf.dtype)))
-        reports = self.comm.allgather((fingerprint, problem and (problem[0].__name__, problem[1])))
-        bad = [(rank, p) for rank, (_, p) in enumerate(reports) if p is not None]
-        if bad:
-            rank, (kind, message) = bad[0]
-            others = f" (also on ranks {[r for r, _ in bad[1:]]})" if len(bad) > 1 else ""
-            raise mark_all_ranks(_ERROR_TYPES[kind](f"{name}: rank {rank}: {message}{others}"))
-        prints = [f for f, _ in reports]
-        if any(f != prints[0] for f in prints):
-            differ = [rank for rank, f in enumerate(prints) if f != prints[0]]
-            raise mark_all_ranks(
-                ValueError(
-                    f"{name}: ranks disagree on the call: rank 0 has {_describe(prints[0])}, "
-                    f"rank {differ[0]} has {_describe(prints[differ[0]])} (differing ranks: {differ})"
-                )
-            )
+            fingerprint.update(length=buf.size, dtype=str(buf.dtype))
+        agree_on_call(self.comm, name, fingerprint, problem)
 
+    def _segment_elems(self, flat: np.ndarray) -> int:
+        return max(1, self.segment // flat.dtype.itemsize)
 
-def _describe(fingerprint: tuple) -> str:
-    return ", ".join(f"{k}={v}" for k, v in fingerprint[2:]) + f", algorithm={fingerprint[1]}"
-
-
-def _local_problem(
-    buf: Any, algorithms: tuple[str, ...], algorithm: str, size: int, op: str | None = None, root: int | None = None
-) -> tuple[type[Exception], str] | None:
-    """What is wrong with this rank's arguments, as (exception type, message), or None."""
-    if not isinstance(buf, np.ndarray):
-        return TypeError, f"expected a numpy array, got {type(buf).__name__}"
-    if buf.dtype not in DTYPES:
-        return TypeError, f"unsupported dtype {buf.dtype}; expected one of {', '.join(map(str, DTYPES))}"
-    if not buf.flags.c_contiguous:
-        return ValueError, "buffer is not C-contiguous (use numpy.ascontiguousarray)"
-    if not buf.flags.writeable:
-        return ValueError, "buffer is read-only; collectives work in place"
-    if algorithm not in algorithms:
-        return ValueError, f"unknown algorithm {algorithm!r}; expected one of {', '.join(algorithms)}"
-    if op is not None:
-        if op not in OPS:
-            return ValueError, f"unknown op {op!r}; expected one of {', '.join(OPS)}"
-        if op == "mean" and buf.dtype.kind != "f":
-            return TypeError, f"op 'mean' needs a floating dtype, got {buf.dtype}"
-    if root is not None and not (isinstance(root, (int, np.integer)) and 0 <= root < size):
-        return ValueError, f"root {root!r} is outside [0, {size})"
-    return None
+    def _scratch_for(self, dtype: np.dtype, count: int = 0) -> np.ndarray:
+        """Per-dtype scratch of 2 segments (or ``count`` elements if more), allocated once and reused."""
+        need = max(2 * max(1, self.segment // dtype.itemsize), count)
+        scratch = self._scratch.get(dtype)
+        if scratch is None or scratch.size < need:
+            scratch = self._scratch[dtype] = np.empty(need, dtype=dtype)
+        return scratch

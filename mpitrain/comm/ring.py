@@ -6,15 +6,15 @@ r-1. With p = 4 the chunk each rank SENDS at each step is:
 
     reduce-scatter (receiver adds the chunk into its own copy)
                  rank0  rank1  rank2  rank3
+      step 0       c3     c0     c1     c2
+      step 1       c2     c3     c0     c1
+      step 2       c1     c2     c3     c0
+      -> rank r now holds the fully reduced chunk r
+
+    all-gather (receiver overwrites its copy of the chunk)
       step 0       c0     c1     c2     c3
       step 1       c3     c0     c1     c2
       step 2       c2     c3     c0     c1
-      -> rank r now holds the fully reduced chunk (r+1) mod p
-
-    all-gather (receiver overwrites its copy of the chunk)
-      step 0       c1     c2     c3     c0
-      step 1       c0     c1     c2     c3
-      step 2       c3     c0     c1     c2
       -> every rank holds every reduced chunk
 
 2(p-1) steps; each rank sends and receives 2(p-1)/p of the buffer, which is
@@ -69,11 +69,29 @@ def _recv_reduce(comm: MPI.Comm, view: Any, source: int, segment: int, scratch: 
 
 
 def reduce_scatter(comm: MPI.Comm, buf: Any, reduce: Reducer, segment: int, scratch: Any) -> tuple[int, int]:
-    """Ring reduce-scatter in place; returns the (start, stop) of the chunk this rank now owns.
+    """Ring reduce-scatter in place; returns the (start, stop) of chunk ``rank``, which this rank now owns.
 
-    Contract: same length and dtype on every rank. Afterwards chunk
-    (rank+1) mod p of ``buf`` holds the reduction over all ranks; other
-    chunks hold partial results. Cost: p-1 steps, (p-1)/p of the buffer sent.
+    Contract: same length and dtype on every rank. Afterwards chunk ``rank``
+    of ``buf`` holds the reduction over all ranks; other chunks hold partial
+    results. Cost: p-1 steps, (p-1)/p of the buffer sent.
+    """
+    p, r = comm.Get_size(), comm.Get_rank()
+    bounds = chunk_bounds(len(buf), p)
+    right, left = (r + 1) % p, (r - 1) % p
+    for step in range(p - 1):
+        s0, s1 = bounds[(r - step - 1) % p]
+        r0, r1 = bounds[(r - step - 2) % p]
+        sends = _post_sends(comm, buf[s0:s1], right, segment)
+        _recv_reduce(comm, buf[r0:r1], left, segment, scratch, reduce)
+        MPI.Request.Waitall(sends)
+    return bounds[r]
+
+
+def allgather(comm: MPI.Comm, buf: Any, segment: int) -> None:
+    """Ring all-gather in place: chunk ``rank`` of ``buf`` is this rank's contribution.
+
+    Contract: same length and dtype on every rank. Messages land directly in ``buf``
+    (no scratch). Cost: p-1 steps, (p-1)/p of the buffer sent.
     """
     p, r = comm.Get_size(), comm.Get_rank()
     bounds = chunk_bounds(len(buf), p)
@@ -81,25 +99,6 @@ def reduce_scatter(comm: MPI.Comm, buf: Any, reduce: Reducer, segment: int, scra
     for step in range(p - 1):
         s0, s1 = bounds[(r - step) % p]
         r0, r1 = bounds[(r - step - 1) % p]
-        sends = _post_sends(comm, buf[s0:s1], right, segment)
-        _recv_reduce(comm, buf[r0:r1], left, segment, scratch, reduce)
-        MPI.Request.Waitall(sends)
-    return bounds[(r + 1) % p]
-
-
-def allgather(comm: MPI.Comm, buf: Any, segment: int) -> None:
-    """Ring all-gather in place, starting from each rank owning chunk (rank+1) mod p.
-
-    Contract: same length and dtype on every rank; chunk (rank+1) mod p of
-    ``buf`` is this rank's contribution. Messages land directly in ``buf``
-    (no scratch). Cost: p-1 steps, (p-1)/p of the buffer sent.
-    """
-    p, r = comm.Get_size(), comm.Get_rank()
-    bounds = chunk_bounds(len(buf), p)
-    right, left = (r + 1) % p, (r - 1) % p
-    for step in range(p - 1):
-        s0, s1 = bounds[(r + 1 - step) % p]
-        r0, r1 = bounds[(r - step) % p]
         recvs = [comm.Irecv(buf[r0 + a : r0 + b], source=left, tag=TAG) for a, b in _segments(r1 - r0, segment)]
         sends = _post_sends(comm, buf[s0:s1], right, segment)
         MPI.Request.Waitall(recvs + sends)

@@ -19,6 +19,8 @@ from typing import Any
 
 from mpi4py import MPI
 
+from mpitrain.comm import ring
+
 TAG = 0x54
 
 
@@ -43,3 +45,25 @@ def broadcast(comm: MPI.Comm, buf: Any, root: int) -> None:
         if v + mask < p:
             comm.Send(buf, dest=(v + mask + root) % p, tag=TAG)
         mask >>= 1
+
+
+def scatter_allgather(comm: MPI.Comm, buf: Any, root: int, segment: int) -> None:
+    """Broadcast for large buffers (van de Geijn): scatter the chunks, then ring all-gather.
+
+    The root sends chunk q (``ring.chunk_bounds``) to rank q; then every rank
+    holds its own chunk and the ring all-gather completes the buffer. Cost:
+    about 2(p-1)/p of the buffer through each link instead of log2(p) whole
+    buffers. Contract: same length, dtype and root on every rank.
+    """
+    p, r = comm.Get_size(), comm.Get_rank()
+    if p == 1 or len(buf) == 0:
+        return
+    bounds = ring.chunk_bounds(len(buf), p)
+    if r == root:
+        sends = [comm.Isend(buf[a:b], dest=q, tag=TAG) for q, (a, b) in enumerate(bounds) if q != root and b > a]
+        MPI.Request.Waitall(sends)
+    else:
+        a, b = bounds[r]
+        if b > a:
+            comm.Recv(buf[a:b], source=root, tag=TAG)
+    ring.allgather(comm, buf, segment)

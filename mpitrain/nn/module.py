@@ -10,7 +10,7 @@ then works on the flat buffers with no packing copies.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -115,17 +115,25 @@ class Module:
         """Set evaluation mode."""
         return self.train(False)
 
-    def init_params(self, seed: int = 0, xp: ModuleType = np, dtype: Any = np.float32) -> Module:
+    def init_params(
+        self,
+        seed: int = 0,
+        xp: ModuleType = np,
+        dtype: Any = np.float32,
+        allocate: Callable[[int, Any], Any] | None = None,
+    ) -> Module:
         """Allocate the flat buffers, bind every parameter to views and initialise them.
 
         Values are drawn in forward order from ``numpy.random.default_rng(seed)``
         in float64 and then cast, so the same seed gives the same model on
-        every rank and for every dtype. Returns self.
+        every rank and for every dtype. ``allocate(count, dtype)`` returns a
+        zeroed 1-D buffer for the flat gradients (for example memory that a
+        collective can share); default ``xp.zeros``. Returns self.
         """
         params = self.parameters()
         total = sum(p.size for p in params)
         self.flat_params = xp.zeros(total, dtype=dtype)
-        self.flat_grads = xp.zeros(total, dtype=dtype)
+        self.flat_grads = xp.zeros(total, dtype=dtype) if allocate is None else allocate(total, dtype)
         offset = 0
         for p in reversed(params):  # reverse layer order: see the module docstring
             p.data = self.flat_params[offset : offset + p.size].reshape(p.shape)

@@ -23,10 +23,10 @@ class DataParallel:
         model: a model whose ``init_params`` has run.
         optimizer: an optimizer over ``model.flat_params`` / ``model.flat_grads``.
         comm: the communicator of the data-parallel group.
-        algorithm: all-reduce algorithm ("ring" or "native").
+        algorithm: all-reduce algorithm (see ``Communicator.allreduce``).
     """
 
-    def __init__(self, model: Module, optimizer: Optimizer, comm: Communicator, algorithm: str = "ring") -> None:
+    def __init__(self, model: Module, optimizer: Optimizer, comm: Communicator, algorithm: str = "auto") -> None:
         if optimizer.params is not model.flat_params or optimizer.grads is not model.flat_grads:
             raise ValueError("the optimizer must update the model's own flat_params and flat_grads")
         self.model, self.optimizer, self.comm, self.algorithm = model, optimizer, comm, algorithm

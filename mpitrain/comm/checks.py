@@ -1,0 +1,111 @@
+"""Argument checks for collectives, and the cross-rank agreement that turns a hang into an error.
+
+In checked mode every rank contributes (its fingerprint of the call, its
+local problem or None) to one small allgather before the collective runs. A
+problem on any rank, or fingerprints that differ, raise the same exception on
+every rank. Exceptions raised that way are marked, so a caller can tell that
+every rank has it (and report it once) from an error on one rank alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int32, np.int64))
+OPS = ("sum", "mean", "max", "min")
+ERROR_TYPES = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, RuntimeError)}
+
+Problem = tuple[str, str]  # (exception class name, message)
+
+
+def mark_all_ranks(exc: BaseException) -> BaseException:
+    """Tag an exception as raised identically on every rank (so one rank may report it)."""
+    exc.on_all_ranks = True  # type: ignore[attr-defined]
+    return exc
+
+
+def raised_on_all_ranks(exc: BaseException) -> bool:
+    """True when ``exc`` was raised on every rank by a cross-rank agreement."""
+    return getattr(exc, "on_all_ranks", False)
+
+
+def buffer_problem(buf: Any) -> Problem | None:
+    """What makes ``buf`` unusable for an in-place collective, or None."""
+    if not isinstance(buf, np.ndarray):
+        return "TypeError", f"expected a numpy array, got {type(buf).__name__}"
+    if buf.dtype not in DTYPES:
+        return "TypeError", f"unsupported dtype {buf.dtype}; expected one of {', '.join(map(str, DTYPES))}"
+    if not buf.flags.c_contiguous:
+        return "ValueError", "buffer is not C-contiguous (use numpy.ascontiguousarray)"
+    if not buf.flags.writeable:
+        return "ValueError", "buffer is read-only; collectives work in place"
+    return None
+
+
+def choice_problem(what: str, value: Any, allowed: tuple[str, ...]) -> Problem | None:
+    """A problem when ``value`` is not one of ``allowed``."""
+    if value not in allowed:
+        return "ValueError", f"unknown {what} {value!r}; expected one of {', '.join(allowed)}"
+    return None
+
+
+def op_problem(op: Any, dtype: np.dtype) -> Problem | None:
+    """A problem with a reduction op for this dtype."""
+    problem = choice_problem("op", op, OPS)
+    if problem is None and op == "mean" and dtype.kind != "f":
+        return "TypeError", f"op 'mean' needs a floating dtype, got {dtype}"
+    return problem
+
+
+def root_problem(root: Any, size: int) -> Problem | None:
+    """A problem when ``root`` is not a rank of a world of ``size``."""
+    if not (isinstance(root, (int, np.integer)) and 0 <= root < size):
+        return "ValueError", f"root {root!r} is outside [0, {size})"
+    return None
+
+
+def agree_on_call(comm: MPI.Comm, name: str, fingerprint: dict[str, Any], problem: Problem | None) -> None:
+    """Raise the same error on every rank if any rank has a problem or the fingerprints differ.
+
+    Costs one small allgather.
+    """
+    reports = comm.allgather((fingerprint, problem))
+    bad = [(rank, p) for rank, (_, p) in enumerate(reports) if p is not None]
+    if bad:
+        rank, (kind, message) = bad[0]
+        others = f" (also on ranks {[r for r, _ in bad[1:]]})" if len(bad) > 1 else ""
+        raise mark_all_ranks(ERROR_TYPES[kind](f"{name}: rank {rank}: {message}{others}"))
+    prints = [f for f, _ in reports]
+    differ = [rank for rank, f in enumerate(prints) if f != prints[0]]
+    if differ:
+        raise mark_all_ranks(
+            ValueError(
+                f"{name}: ranks disagree on the call: rank 0 has {_describe(prints[0])}, "
+                f"rank {differ[0]} has {_describe(prints[differ[0]])} (differing ranks: {differ})"
+            )
+        )
+
+
+def agree_on_error(comm: MPI.Comm, error: BaseException | None) -> None:
+    """Raise on every rank if any rank passes an error; otherwise return on every rank.
+
+    The raised exception has the type of the lowest failing rank's error
+    (ValueError, TypeError, FileNotFoundError, else RuntimeError) and a
+    message naming that rank.
+    """
+    local = None if error is None else (type(error).__name__, str(error))
+    reports = comm.allgather(local)
+    failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+    if not failed:
+        return
+    rank, (kind, message) = failed[0]
+    others = f" (also failed on ranks {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
+    exc = ERROR_TYPES.get(kind, RuntimeError)(f"rank {rank}: {message}{others}")
+    raise mark_all_ranks(exc) from error
+
+
+def _describe(fingerprint: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in fingerprint.items())

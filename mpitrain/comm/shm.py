@@ -1,0 +1,122 @@
+"""Node-shared buffers (MPI-3 shared-memory windows) and the all-reduce that reads peers' memory.
+
+``SharedBuffers.allocate`` gives each rank an array that every rank on its
+node can read directly. All-reduce on such buffers needs no messages inside
+a node:
+
+    1. sync; rank i sums chunk i of every node-local buffer into its own chunk i
+       (reading its peers' memory: no copies into messages, no scratch);
+    2. across nodes, ranks with the same node-local index all-reduce chunk i
+       with the ring (hierarchical all-reduce, as Horovod and NCCL do);
+    3. sync; every rank copies chunk j from the buffer of rank j;
+    4. sync, so no rank writes its buffer while another still reads it.
+
+Each chunk is reduced by one rank and copied to the others, so results are
+bit-identical. Cost per rank: read about 2n, write about n bytes, 3 node
+barriers; no extra memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from mpitrain.comm import ring
+
+
+@dataclass
+class _Window:
+    win: MPI.Win
+    peers: list[np.ndarray]  # every node-local rank's array, in node rank order
+    base: int  # address of this rank's array
+    nbytes: int
+
+
+class SharedBuffers:
+    """Arrays in shared memory, one per rank, readable by all ranks of a node.
+
+    Args:
+        node: the node-local communicator (``Split_type(COMM_TYPE_SHARED)``).
+        cross: communicator of the ranks with the same node-local rank on
+            every node, or None on a single node.
+    """
+
+    def __init__(self, node: MPI.Comm, cross: MPI.Comm | None) -> None:
+        self.node, self.cross = node, cross
+        self.windows: list[_Window] = []
+
+    def allocate(self, count: int, dtype: Any) -> np.ndarray:
+        """A zeroed array of ``count`` elements in a new shared window (collective on the node)."""
+        dtype = np.dtype(dtype)
+        win = MPI.Win.Allocate_shared(count * dtype.itemsize, dtype.itemsize, comm=self.node)
+        win.Lock_all(MPI.MODE_NOCHECK)
+        peers = []
+        for q in range(self.node.Get_size()):
+            memory, _ = win.Shared_query(q)
+            peers.append(np.frombuffer(memory, dtype=dtype, count=count))
+        own = peers[self.node.Get_rank()]
+        own.fill(0)
+        self.windows.append(_Window(win, peers, own.__array_interface__["data"][0], count * dtype.itemsize))
+        self._sync(win)
+        return own
+
+    def find(self, buf: np.ndarray) -> tuple[_Window, int] | None:
+        """(window, element offset) when ``buf`` lies inside one of this rank's shared arrays."""
+        if not isinstance(buf, np.ndarray) or buf.size == 0:
+            return None
+        address = buf.__array_interface__["data"][0]
+        for window in self.windows:
+            if window.base <= address and address + buf.nbytes <= window.base + window.nbytes:
+                if window.peers[0].dtype != buf.dtype:
+                    return None
+                return window, (address - window.base) // buf.dtype.itemsize
+        return None
+
+    def allreduce(
+        self,
+        window: _Window,
+        offset: int,
+        count: int,
+        reduce: Callable[..., Any],
+        finish: Callable[[Any], None] | None,
+        segment: int,
+        scratch: Any,
+    ) -> None:
+        """All-reduce ``count`` elements at ``offset`` of every rank's array in ``window`` (see module doc).
+
+        Contract: the same window, offset and count on every rank.
+        """
+        me, p = self.node.Get_rank(), self.node.Get_size()
+        bounds = ring.chunk_bounds(count, p)
+        views = [peer[offset : offset + count] for peer in window.peers]
+        a, b = bounds[me]
+        mine = views[me][a:b]
+        self._sync(window.win)
+        for q in range(p):
+            if q != me:
+                reduce(mine, views[q][a:b], out=mine)
+        if self.cross is not None:
+            ring.allreduce(self.cross, mine, reduce, segment, scratch)
+        if finish is not None:
+            finish(mine)
+        self._sync(window.win)
+        for q, (qa, qb) in enumerate(bounds):
+            if q != me:
+                np.copyto(views[me][qa:qb], views[q][qa:qb])
+        self._sync(window.win)
+
+    def _sync(self, win: MPI.Win) -> None:
+        win.Sync()
+        self.node.Barrier()
+        win.Sync()
+
+    def free(self) -> None:
+        """Release every window (collective on the node)."""
+        for window in self.windows:
+            window.win.Unlock_all()
+            window.win.Free()
+        self.windows.clear()

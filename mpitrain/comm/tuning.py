@@ -1,0 +1,62 @@
+"""Size thresholds and segment size of the collectives, with their measured defaults.
+
+Each can be overridden per Communicator (``Tuning(...)``) or for a whole job
+through environment variables (``MPITRAIN_SEGMENT_BYTES`` and so on), which
+is how a cluster's own measurements are plugged in without code changes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+ENV_PREFIX = "MPITRAIN_"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Where ``algorithm="auto"`` switches, in bytes.
+
+    Defaults measured with benchmarks/collectives.py on a 2-core machine with
+    PyPI's MPICH (see README "Collectives" for the table behind each).
+
+    Attributes:
+        segment_bytes: ring pipelining segment; the ring's scratch is 2 segments.
+        allreduce_small_bytes: below this, all-reduce uses MPI's native call
+            (latency-bound: one library call beats Python-level steps).
+        broadcast_large_bytes: from this size, broadcast uses scatter + ring
+            all-gather instead of the binomial tree.
+    """
+
+    segment_bytes: int = 1 << 18
+    allreduce_small_bytes: int = 1 << 16
+    broadcast_large_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.segment_bytes < 64:
+            raise ValueError(f"segment_bytes must be at least 64, got {self.segment_bytes}")
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"{f.name} must be >= 0, got {getattr(self, f.name)}")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Tuning:
+        """Defaults, overridden by ``MPITRAIN_<FIELD>`` variables (integers, bytes).
+
+        Raises:
+            ValueError: a variable that is not a non-negative integer.
+        """
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            if name in environ:
+                try:
+                    values[f.name] = int(environ[name])
+                except ValueError:
+                    raise ValueError(f"{name}={environ[name]!r}: expected an integer number of bytes") from None
+        return cls(**values)
+
+    def describe(self) -> str:
+        """One line: every threshold with its value."""
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
