@@ -55,7 +55,8 @@ test: lint
 	done
 
 bench: install
-	$(MPIRUN) $(NP) $(PYTHON) benchmarks/collectives.py --json build/collectives.json $(ARGS)
+	@mkdir -p build
+	$(MPIRUN) $(NP) $(PYTHON) -m mpitrain bench collectives --json build/collectives.json --plot build/collectives.png $(ARGS)
 
 clean:
 	rm -rf build $(VENV) *.egg-info

@@ -3,11 +3,14 @@
     mpiexec -n 2 python benchmarks/collectives.py -b 4K -e 64M -f 4 --op allreduce --json out.json
 
 For each size, every iteration runs each algorithm once in turn (interleaved,
-so drift in machine speed hits all alike). Time = max over ranks of the
-median over timed iterations after warm-up. busbw = algbw * 2(p-1)/p for
-all-reduce, = algbw for broadcast. #wrong counts elements that differ from
-the native result beyond round-off, summed over ranks; any makes the exit
-status non-zero.
+so drift in machine speed hits all alike). Each rank takes the median of its
+timed iterations after warm-up; time is the max over ranks of that median,
+and min/avg/max over ranks are printed beside it (OSU style). busbw = algbw *
+2(p-1)/p for all-reduce, (p-1)/p for reduce-scatter and all-gather, 1 for
+broadcast. #wrong counts elements that differ from the native result beyond
+round-off, summed over ranks; any makes the exit status non-zero. Buffers
+come from ``Communicator.allocate`` (node-shared memory), as the trainer's
+gradient buffer does.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import argparse
 import json
 import re
 import sys
+import time
+from collections.abc import Callable
 
 import numpy as np
 from mpi4py import MPI
@@ -24,6 +29,9 @@ from mpitrain import threads
 from mpitrain.comm import Communicator
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+OURS = {"allreduce": "ring", "broadcast": "tree", "reduce_scatter": "ring", "allgather": "ring"}
+BUS_FACTOR = {"allreduce": lambda p: 2 * (p - 1) / p, "broadcast": lambda p: 1.0}
+BUS_FACTOR["reduce_scatter"] = BUS_FACTOR["allgather"] = lambda p: (p - 1) / p
 
 
 def parse_size(text: str) -> int:
@@ -43,95 +51,149 @@ def sizes(begin: int, end: int, factor: int) -> list[int]:
     return out
 
 
-def _prepare(comm: Communicator, args: argparse.Namespace, buf: np.ndarray, source: np.ndarray, alg: str):
-    """Refill ``buf`` from ``source`` and return the call to time."""
-    np.copyto(buf, source)
-    if args.op == "allreduce":
+def copy_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
+    """Single-core numpy copy bandwidth in GB/s, counting bytes read plus written (best of repeats)."""
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best / 1e9
+
+
+def operation(comm: Communicator, op: str, buf: np.ndarray, alg: str, root: int) -> Callable[[], object]:
+    """The call to time for one collective and algorithm on ``buf``."""
+    if op == "allreduce":
         return lambda: comm.allreduce(buf, op="sum", algorithm=alg)
-    return lambda: comm.broadcast(buf, root=args.root, algorithm=alg)
+    if op == "reduce_scatter":
+        return lambda: comm.reduce_scatter(buf, op="sum", algorithm=alg)
+    if op == "allgather":
+        return lambda: comm.allgather(buf, algorithm=alg)
+    return lambda: comm.broadcast(buf, root=root, algorithm=alg)
 
 
-def time_call(call, comm: MPI.Comm) -> float:
-    """Seconds one call takes on this rank, starting together after a barrier."""
-    comm.Barrier()
-    start = MPI.Wtime()
-    call()
-    return MPI.Wtime() - start
+def expected_result(world: MPI.Comm, op: str, source: np.ndarray, root: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reference values, mask of the elements that the operation defines on this rank)."""
+    p, rank = world.Get_size(), world.Get_rank()
+    bounds = [(i * source.size // p, (i + 1) * source.size // p) for i in range(p)]
+    mask = np.ones(source.size, bool)
+    if op == "broadcast":
+        out = source.copy()
+        world.Bcast(out, root=root)
+        return out, mask
+    if op == "allgather":
+        gathered = world.allgather(source)
+        out = np.concatenate([gathered[r][a:b] for r, (a, b) in enumerate(bounds)])
+        return out, mask
+    out = source.astype(np.float64)
+    world.Allreduce(MPI.IN_PLACE, out, op=MPI.SUM)
+    if op == "reduce_scatter":
+        mask[:] = False
+        a, b = bounds[rank]
+        mask[a:b] = True
+    return out, mask
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the benchmark on COMM_WORLD; rank 0 prints; returns the exit status (same on every rank)."""
     world = MPI.COMM_WORLD
     rank, p = world.Get_rank(), world.Get_size()
-    threads.limit_threads(world, 1)
-    comm = Communicator(checked=False)
+    nthreads = threads.limit_threads(world, 1)
+    comm = Communicator(checked=args.checked)
     dtype = np.dtype(args.dtype)
-    default = {"allreduce": ("ring", "native"), "broadcast": ("tree", "native")}[args.op]
-    algorithms = args.algorithms.split(",") if args.algorithms else list(default)
-    bus_factor = 2 * (p - 1) / p if args.op == "allreduce" else 1.0
+    algorithms = args.algorithms.split(",") if args.algorithms else [OURS[args.op], "auto", "native"]
+    factor = BUS_FACTOR[args.op](p)
+    bandwidth = copy_bandwidth()
     if rank == 0:
-        print(f"# mpitrain collective benchmark: {args.op}, {p} rank(s), {dtype}")
-        print(f"# MPI: {MPI.Get_library_version().splitlines()[0].strip()}")
-        print(f"# iterations {args.iters}, warm-up {args.warmup}; time = max over ranks of the median")
+        print(f"# mpitrain collective benchmark: {args.op}, {p} rank(s), {dtype}, checked={args.checked}")
+        print(f"# MPI: {MPI.Get_library_version().splitlines()[0].strip()}; {nthreads} BLAS thread(s)/rank")
+        print(f"# single-core copy bandwidth (read+write): {bandwidth:.1f} GB/s; tuning: {comm.tuning.describe()}")
+        print(f"# iterations {args.iters}, warm-up {args.warmup}; time = max over ranks of the per-rank median")
         print(
-            f"#{'size(B)':>12} {'count':>11} {'type':>7} {'redop':>5} {'root':>4} {'algorithm':>9} "
-            f"{'time(us)':>10} {'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'#wrong':>6} {'vs native':>9}"
+            f"#{'size(B)':>11} {'count':>10} {'type':>7} {'redop':>5} {'root':>4} {'algorithm':>9} {'time(us)':>10} "
+            f"{'min(us)':>9} {'avg(us)':>9} {'algbw':>7} {'busbw':>7} {'#wrong':>6} {'vs_native':>9}"
         )
     rows, wrong_total = [], 0
     rng = np.random.default_rng(rank)
     for nbytes in sizes(args.begin, args.end, args.factor):
         count = max(nbytes // dtype.itemsize, 1)
         source = (rng.standard_normal(count) * (rank + 1)).astype(dtype)
-        buffers = {alg: np.empty_like(source) for alg in algorithms}
-
+        buffers = {alg: comm.allocate(count, dtype) for alg in algorithms}
         times: dict[str, list[float]] = {alg: [] for alg in algorithms}
         for it in range(args.warmup + args.iters):
             for alg in algorithms:
-                elapsed = time_call(_prepare(comm, args, buffers[alg], source, alg), world)
+                np.copyto(buffers[alg], source)
+                call = operation(comm, args.op, buffers[alg], alg, args.root)
+                world.Barrier()
+                start = MPI.Wtime()
+                call()
+                elapsed = MPI.Wtime() - start
                 if it >= args.warmup:
                     times[alg].append(elapsed)
-        reference = buffers["native"] if "native" in buffers else _native(source, args, world)
-        bound = _tolerance(source, world, p)
-        medians = {alg: world.allreduce(float(np.median(t)), op=MPI.MAX) for alg, t in times.items()}
+        reference, mask = expected_result(world, args.op, source, args.root)
+        scale = world.allreduce(float(np.abs(source.astype(np.float64)).max(initial=0.0)), op=MPI.MAX)
+        bound = p * p * np.finfo(dtype).eps * scale if dtype.kind == "f" else 0.0
+        medians = {alg: float(np.median(t)) for alg, t in times.items()}
+        spread = {alg: world.allgather(m) for alg, m in medians.items()}
         for alg in algorithms:
-            wrong = world.allreduce(int((np.abs(buffers[alg].astype(np.float64) - reference) > bound).sum()))
+            diff = np.abs(buffers[alg].astype(np.float64) - reference)[mask]
+            wrong = world.allreduce(int((diff > bound).sum()))
             wrong_total += wrong
-            seconds = medians[alg]
+            seconds = max(spread[alg])
             algbw = nbytes / seconds / 1e9
-            ratio = medians["native"] / seconds if "native" in medians else float("nan")
+            ratio = max(spread["native"]) / seconds if "native" in spread else float("nan")
             row = {
-                "size": nbytes, "count": count, "type": str(dtype), "redop": "sum" if args.op == "allreduce" else "-",
-                "root": args.root if args.op == "broadcast" else -1, "algorithm": alg, "time_us": seconds * 1e6,
-                "algbw": algbw, "busbw": algbw * bus_factor, "wrong": wrong, "ratio_vs_native": ratio,
+                "size": nbytes, "count": count, "type": str(dtype), "op": args.op, "algorithm": alg,
+                "time_us": seconds * 1e6, "min_us": min(spread[alg]) * 1e6,
+                "avg_us": float(np.mean(spread[alg])) * 1e6, "max_us": seconds * 1e6,
+                "algbw": algbw, "busbw": algbw * factor, "wrong": wrong, "ratio_vs_native": ratio,
             }  # fmt: skip
             rows.append(row)
             if rank == 0:
+                redop = "-" if args.op in ("broadcast", "allgather") else "sum"
+                root = args.root if args.op == "broadcast" else -1
                 print(
-                    f" {nbytes:>12} {count:>11} {row['type']:>7} {row['redop']:>5} {row['root']:>4} {alg:>9} "
-                    f"{row['time_us']:>10.1f} {algbw:>11.3f} {row['busbw']:>11.3f} {wrong:>6} {ratio:>9.2f}"
+                    f" {nbytes:>11} {count:>10} {row['type']:>7} {redop:>5} {root:>4} {alg:>9} {row['time_us']:>10.1f} "
+                    f"{row['min_us']:>9.1f} {row['avg_us']:>9.1f} {algbw:>7.3f} {row['busbw']:>7.3f} {wrong:>6} "
+                    f"{ratio:>9.2f}"
                 )
+        del buffers
     if rank == 0:
         print(f"# Out of bounds values : {wrong_total} {'OK' if wrong_total == 0 else 'FAILED'}")
         for alg in algorithms:
             busbw = [r["busbw"] for r in rows if r["algorithm"] == alg]
-            print(f"# Avg bus bandwidth    : {alg} {np.mean(busbw):.3f} GB/s")
+            print(f"# Avg bus bandwidth    : {np.mean(busbw):.3f} GB/s ({alg})")
+        meta = {"op": args.op, "ranks": p, "dtype": str(dtype), "copy_bandwidth_gbs": bandwidth}
+        meta["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"op": args.op, "ranks": p, "dtype": str(dtype), "rows": rows}, f, indent=1)
+                json.dump({**meta, "tuning": comm.tuning.describe(), "rows": rows}, f, indent=1)
+        if args.plot:
+            plot(rows, algorithms, meta, args.plot)
     return 1 if wrong_total else 0
 
 
-def _native(source: np.ndarray, args: argparse.Namespace, world: MPI.Comm) -> np.ndarray:
-    out = source.copy()
-    if args.op == "allreduce":
-        world.Allreduce(MPI.IN_PLACE, out, op=MPI.SUM)
-    else:
-        world.Bcast(out, root=args.root)
-    return out
+def plot(rows: list[dict], algorithms: list[str], meta: dict, path: str) -> None:
+    """busbw against size, one line per algorithm, to a PNG."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-def _tolerance(source: np.ndarray, world: MPI.Comm, p: int) -> float:
-    total = world.allreduce(float(np.abs(source.astype(np.float64)).max(initial=0.0)), op=MPI.MAX)
-    return p * p * np.finfo(source.dtype).eps * total if source.dtype.kind == "f" else 0.0
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for alg in algorithms:
+        mine = [r for r in rows if r["algorithm"] == alg]
+        ax.plot([r["size"] for r in mine], [r["busbw"] for r in mine], marker="o", label=alg)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("size (bytes)")
+    ax.set_ylabel("busbw (GB/s)")
+    ax.set_title(f"{meta['op']}, {meta['ranks']} ranks, {meta['dtype']} ({meta['mpi']})")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,14 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-b", "--begin", type=parse_size, default=parse_size("4K"), help="smallest size (bytes)")
     parser.add_argument("-e", "--end", type=parse_size, default=parse_size("64M"), help="largest size (bytes)")
     parser.add_argument("-f", "--factor", type=int, default=4, help="size multiplier between rows")
-    parser.add_argument("-n", "--iters", type=int, default=10, help="timed iterations")
-    parser.add_argument("-w", "--warmup", type=int, default=3, help="warm-up iterations")
-    parser.add_argument("--op", choices=("allreduce", "broadcast"), default="allreduce")
-    parser.add_argument("--dtype", choices=("float32", "float64", "int32", "int64"), default="float32")
+    parser.add_argument("-n", "--iters", type=int, default=20, help="timed iterations")
+    parser.add_argument("-w", "--warmup", type=int, default=5, help="warm-up iterations")
+    parser.add_argument("--op", choices=tuple(OURS), default="allreduce")
+    parser.add_argument("--dtype", choices=("float16", "float32", "float64", "int32", "int64"), default="float32")
     parser.add_argument("--root", type=int, default=0, help="broadcast root")
-    parser.add_argument("--algorithms", default=None, help="comma-separated (default: ours and native)")
+    parser.add_argument("--algorithms", default=None, help="comma-separated (default: ours, auto, native)")
+    parser.add_argument("--checked", action="store_true", help="checked mode (measures its cost)")
     parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument("--plot", default=None, help="write busbw against size to this PNG")
     args = parser.parse_args(argv)
+    if args.factor < 2 or args.begin < 1 or args.end < args.begin:
+        parser.error("need -f >= 2 and 1 <= -b <= -e")
     return run(args)
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mpitrain [train|info] ...`` (train is the default).
+"""Command line: ``python -m mpitrain [train|info|bench] ...`` (train is the default).
 
 Every rank parses the same arguments; only rank 0 prints, and a bad argument
 makes every rank exit with the same non-zero code.
@@ -7,6 +7,8 @@ makes every rank exit with the same non-zero code.
 from __future__ import annotations
 
 import argparse
+import os
+import runpy
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -15,7 +17,7 @@ from typing import Any
 from mpi4py import MPI
 
 from mpitrain import backend, threads
-from mpitrain.comm import Communicator, raised_on_all_ranks
+from mpitrain.comm import Communicator, mark_all_ranks, raised_on_all_ranks
 from mpitrain.comm.communicator import ALLREDUCE_ALGORITHMS
 from mpitrain.nn import MODELS
 from mpitrain.optim import OPTIMIZERS, SCHEDULES
@@ -118,6 +120,27 @@ def _info_parser(prog: str) -> _Parser:
     return _Parser(prog=f"{prog} info", description="Print the MPI library, world, hosts and array backends.")
 
 
+def _bench_parser(prog: str) -> _Parser:
+    p = _Parser(
+        prog=f"{prog} bench",
+        description="Run a benchmark from the source checkout's benchmarks/ folder (options follow its name).",
+    )
+    p.add_argument("name", choices=BENCHMARKS, help="which benchmark")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="passed on, e.g. -b 4K -e 64M --op broadcast")
+    return p
+
+
+def _run_bench(args: argparse.Namespace, comm: Communicator) -> None:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{args.name}.py")
+    with comm.agreement():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: the benchmarks ship with the source checkout, not the installed package")
+    module = runpy.run_path(path, run_name="mpitrain_bench")
+    status = module["main"](args.options)
+    if status:
+        raise mark_all_ranks(RuntimeError(f"benchmark {args.name} found wrong results (exit status {status})"))
+
+
 def _run_train(args: argparse.Namespace, comm: Communicator) -> None:
     count = threads.limit_threads(comm.comm, args.threads)
     options = {k: v for k, v in vars(args).items() if k not in ("command", "threads")}
@@ -144,11 +167,17 @@ def _run_info(args: argparse.Namespace, comm: Communicator) -> None:
     for name, text in backend.available_backends().items():
         print(f"backend:       {name}: {text}")
     print(f"threads:       {count} per rank ({threads.cores_available()} core(s) visible)")
+    print(f"collectives:   {comm.tuning.describe()} (override with MPITRAIN_<NAME> variables)")
     for line in threads.thread_pools():
         print(f"thread pool:   {line}")
 
 
-COMMANDS = {"train": (_train_parser, _run_train), "info": (_info_parser, _run_info)}
+COMMANDS = {
+    "train": (_train_parser, _run_train),
+    "info": (_info_parser, _run_info),
+    "bench": (_bench_parser, _run_bench),
+}
+BENCHMARKS = ("collectives",)
 
 
 def parse(argv: Sequence[str], prog: str = "python -m mpitrain") -> argparse.Namespace:
@@ -160,7 +189,7 @@ def parse(argv: Sequence[str], prog: str = "python -m mpitrain") -> argparse.Nam
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     if command == "train" and argv[:1] in (["-h"], ["--help"]) and MPI.COMM_WORLD.Get_rank() == 0:
-        print(f"usage: {prog} [train|info] [options]; the options of train follow\n")
+        print(f"usage: {prog} [train|info|bench] [options]; the options of train follow\n")
     args = COMMANDS[command][0](prog).parse_args(argv)
     args.command = command
     return args

@@ -69,3 +69,15 @@ def test_train_is_the_default_command() -> None:
     assert parse([]).command == "train" and parse(["--epochs", "3"]).epochs == 3
     assert parse(["info"]).command == "info"
     assert parse(["train", "--hidden", "64,32"]).hidden == (64, 32)
+
+
+@pytest.mark.parametrize("op", ["allreduce", "broadcast", "reduce_scatter", "allgather"])
+def test_collective_benchmark_checks_every_result(tmp_path, op: str) -> None:
+    out = tmp_path / "bench.json"
+    done = run_mpitrain(3, "bench", "collectives", "-b", "1K", "-e", "256K", "-f", "16", "-n", "2", "-w", "1",
+                        "--op", op, "--dtype", "float64", "--json", str(out), "--checked")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "# Out of bounds values : 0 OK" in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["size"] for r in rows} == {1024, 16384, 262144} and all(r["wrong"] == 0 for r in rows)
+    assert {r["algorithm"] for r in rows} >= {"auto", "native"}

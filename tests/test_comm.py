@@ -175,6 +175,9 @@ def test_auto_choice_follows_the_thresholds(comm: Communicator) -> None:
     assert comm._auto_allreduce(np.zeros(small // 4, np.float32), shared=False) == "ring"
     assert comm._auto_allreduce(np.zeros(small // 4, np.float32), shared=True) == "shm"
     assert large > small
+    wide = np.zeros(large // 4, np.float32)
+    assert comm._auto_broadcast(wide) == ("scatter" if comm.size > 2 else "tree")
+    assert comm._auto_broadcast(wide[:-1]) == "tree"
 
 
 def test_tuning_from_environment() -> None:
