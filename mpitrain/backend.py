@@ -63,15 +63,6 @@ def array_module_of(array: Any) -> ModuleType:
     raise TypeError(f"expected a numpy or cupy array, got {type(array).__name__}")
 
 
-def is_array(obj: Any) -> bool:
-    """True for a numpy array, or a cupy array when cupy is usable."""
-    try:
-        array_module_of(obj)
-    except TypeError:
-        return False
-    return True
-
-
 def to_device(array: np.ndarray, xp: ModuleType) -> Any:
     """Copy a host array into the memory of ``xp`` (no copy for numpy)."""
     return array if xp is np else xp.asarray(array)
