@@ -74,10 +74,11 @@ def operation(comm: Communicator, op: str, buf: np.ndarray, alg: str, root: int)
     return lambda: comm.broadcast(buf, root=root, algorithm=alg)
 
 
-def expected_result(world: MPI.Comm, op: str, source: np.ndarray, root: int) -> tuple[np.ndarray, np.ndarray]:
-    """(reference values, mask of the elements that the operation defines on this rank)."""
-    p, rank = world.Get_size(), world.Get_rank()
-    bounds = [(i * source.size // p, (i + 1) * source.size // p) for i in range(p)]
+def expected_result(
+    world: MPI.Comm, op: str, source: np.ndarray, root: int, bounds: list[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(reference values, mask of the elements the operation defines on this rank); ``bounds``: the chunks."""
+    rank = world.Get_rank()
     mask = np.ones(source.size, bool)
     if op == "broadcast":
         out = source.copy()
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
                 elapsed = MPI.Wtime() - start
                 if it >= args.warmup:
                     times[alg].append(elapsed)
-        reference, mask = expected_result(world, args.op, source, args.root)
+        reference, mask = expected_result(world, args.op, source, args.root, comm.chunk_bounds(count))
         scale = world.allreduce(float(np.abs(source.astype(np.float64)).max(initial=0.0)), op=MPI.MAX)
         bound = p * p * np.finfo(dtype).eps * scale if dtype.kind == "f" else 0.0
         medians = {alg: float(np.median(t)) for alg, t in times.items()}

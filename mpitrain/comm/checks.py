@@ -73,11 +73,7 @@ def agree_on_call(comm: MPI.Comm, name: str, fingerprint: dict[str, Any], proble
     Costs one small allgather.
     """
     reports = comm.allgather((fingerprint, problem))
-    bad = [(rank, p) for rank, (_, p) in enumerate(reports) if p is not None]
-    if bad:
-        rank, (kind, message) = bad[0]
-        others = f" (also on ranks {[r for r, _ in bad[1:]]})" if len(bad) > 1 else ""
-        raise mark_all_ranks(ERROR_TYPES[kind](f"{name}: rank {rank}: {message}{others}"))
+    _raise_first_problem([p for _, p in reports], prefix=f"{name}: ")
     prints = [f for f, _ in reports]
     differ = [rank for rank, f in enumerate(prints) if f != prints[0]]
     if differ:
@@ -97,14 +93,17 @@ def agree_on_error(comm: MPI.Comm, error: BaseException | None) -> None:
     message naming that rank.
     """
     local = None if error is None else (type(error).__name__, str(error))
-    reports = comm.allgather(local)
+    _raise_first_problem(comm.allgather(local), cause=error)
+
+
+def _raise_first_problem(reports: list[Problem | None], prefix: str = "", cause: BaseException | None = None) -> None:
+    """Raise, marked as on every rank, the lowest rank's problem naming that rank (and the others that failed)."""
     failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
     if not failed:
         return
     rank, (kind, message) = failed[0]
-    others = f" (also failed on ranks {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
-    exc = ERROR_TYPES.get(kind, RuntimeError)(f"rank {rank}: {message}{others}")
-    raise mark_all_ranks(exc) from error
+    others = f" (also on ranks {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
+    raise mark_all_ranks(ERROR_TYPES.get(kind, RuntimeError)(f"{prefix}rank {rank}: {message}{others}")) from cause
 
 
 def _describe(fingerprint: dict[str, Any]) -> str:
