@@ -134,18 +134,33 @@ def test_allgather_collects_each_ranks_chunk(comm: Communicator, dtype: type) ->
     assert np.array_equal(x, expected)
 
 
-@pytest.mark.mpi
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("algorithm", ["tree", "scatter", "native", "auto"])
-def test_broadcast_every_root(shared_comm: Communicator, n: int, algorithm: str) -> None:
-    comm = shared_comm
+def broadcast_every_root(comm: Communicator, n: int, algorithm: str, shared: bool) -> bool:
+    """Broadcast rank-dependent data from every root; True when each matches MPI's Bcast."""
     ok = True
     for root in range(comm.size):
-        x = rank_data(n, np.float32, comm.rank, seed=root)
-        expected = x.copy()
+        data = rank_data(n, np.float32, comm.rank, seed=root)
+        x = comm.allocate(n, np.float32) if shared else data.copy()
+        x[...] = data
+        expected = data.copy()
         WORLD.Bcast(expected, root=root)
         comm.broadcast(x, root=root, algorithm=algorithm)
-        ok &= np.array_equal(x, expected)
+        ok &= bool(np.array_equal(x, expected))
+    return ok
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("algorithm", ["tree", "scatter", "shm", "native", "auto"])
+def test_broadcast_every_root(shared_comm: Communicator, n: int, algorithm: str) -> None:
+    assert broadcast_every_root(shared_comm, n, algorithm, shared=algorithm in ("shm", "auto"))
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("n", [1, 1000, 100_003])
+def test_hierarchical_broadcast_over_two_fake_nodes(n: int) -> None:
+    comm = Communicator(node_size=2, tuning=Tuning(segment_bytes=2048))
+    ok = broadcast_every_root(comm, n, "shm", shared=True)
+    comm.free()
     assert ok
 
 
@@ -176,8 +191,11 @@ def test_auto_choice_follows_the_thresholds(comm: Communicator) -> None:
     assert comm._auto_allreduce(np.zeros(small // 4, np.float32), shared=True) == "shm"
     assert large > small
     wide = np.zeros(large // 4, np.float32)
-    assert comm._auto_broadcast(wide) == ("scatter" if comm.size > 2 else "tree")
-    assert comm._auto_broadcast(wide[:-1]) == "tree"
+    assert comm._auto_broadcast(wide, shared=False) == ("scatter" if comm.size > 2 else "tree")
+    assert comm._auto_broadcast(wide[:-1], shared=False) == "tree"
+    shm_bytes = comm.tuning.broadcast_shm_bytes
+    assert comm._auto_broadcast(np.zeros(shm_bytes // 4, np.float32), shared=True) == "shm"
+    assert comm._auto_broadcast(np.zeros(shm_bytes // 4 - 1, np.float32), shared=True) == "tree"
 
 
 def test_tuning_from_environment() -> None:
@@ -223,6 +241,7 @@ def test_bad_buffer_on_one_rank_raises_on_every_rank(comm: Communicator) -> None
     _raises_everywhere(lambda: comm.allreduce(good.copy(), op="prod"), ValueError, "unknown op 'prod'")
     _raises_everywhere(lambda: comm.allreduce(good.copy(), algorithm="magic"), ValueError, "unknown algorithm")
     _raises_everywhere(lambda: comm.allreduce(good.copy(), algorithm="shm"), ValueError, "Communicator.allocate")
+    _raises_everywhere(lambda: comm.broadcast(good.copy(), algorithm="shm"), ValueError, "Communicator.allocate")
     _raises_everywhere(lambda: comm.reduce_scatter(good.copy(), algorithm="tree"), ValueError, "unknown algorithm")
     _raises_everywhere(lambda: comm.allgather(np.zeros(12)[::2]), ValueError, "C-contiguous")
     _raises_everywhere(lambda: comm.broadcast(good.copy(), root=comm.size), ValueError, "outside [0,")

@@ -11,6 +11,11 @@ a node:
     3. sync; every rank copies chunk j from the buffer of rank j;
     4. sync, so no rank writes its buffer while another still reads it.
 
+Broadcast is the same idea: the root's buffer reaches the rank with the
+root's node-local index on every node (binomial tree between nodes), then
+every other rank of a node copies it from that rank's memory: one copy per
+reader instead of a message's copy-in and copy-out.
+
 Each chunk is reduced by one rank and copied to the others, so results are
 bit-identical. Cost per rank: read about 2n, write about n bytes, 3 node
 barriers; no extra memory.
@@ -25,7 +30,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.comm import ring
+from mpitrain.comm import ring, tree
 
 
 @dataclass
@@ -43,10 +48,11 @@ class SharedBuffers:
         node: the node-local communicator (``Split_type(COMM_TYPE_SHARED)``).
         cross: communicator of the ranks with the same node-local rank on
             every node, or None on a single node.
+        placement: for every rank of the whole communicator, its (node rank, cross rank).
     """
 
-    def __init__(self, node: MPI.Comm, cross: MPI.Comm | None) -> None:
-        self.node, self.cross = node, cross
+    def __init__(self, node: MPI.Comm, cross: MPI.Comm | None, placement: list[tuple[int, int]]) -> None:
+        self.node, self.cross, self.placement = node, cross, placement
         self.windows: list[_Window] = []
 
     def allocate(self, count: int, dtype: Any) -> np.ndarray:
@@ -107,6 +113,21 @@ class SharedBuffers:
         for q, (qa, qb) in enumerate(bounds):
             if q != me:
                 np.copyto(views[me][qa:qb], views[q][qa:qb])
+        self._sync(window.win)
+
+    def broadcast(self, window: _Window, offset: int, count: int, root: int) -> None:
+        """Copy ``count`` elements at ``offset`` from rank ``root`` (of the whole communicator) to every rank.
+
+        Contract: the same window, offset, count and root on every rank.
+        """
+        me = self.node.Get_rank()
+        source, root_cross = self.placement[root]
+        views = [peer[offset : offset + count] for peer in window.peers]
+        if self.cross is not None and me == source:
+            tree.broadcast(self.cross, views[me], root_cross)
+        self._sync(window.win)
+        if me != source:
+            np.copyto(views[me], views[source])
         self._sync(window.win)
 
     def _sync(self, win: MPI.Win) -> None:

@@ -25,12 +25,15 @@ class Tuning:
         allreduce_small_bytes: below this, all-reduce uses MPI's native call
             (latency-bound: one library call beats Python-level steps).
         broadcast_large_bytes: from this size, broadcast uses scatter + ring
-            all-gather instead of the binomial tree.
+            all-gather instead of the binomial tree (on 3 or more ranks).
+        broadcast_shm_bytes: from this size, broadcast of a node-shared
+            buffer copies from the root's memory.
     """
 
     segment_bytes: int = 1 << 18
     allreduce_small_bytes: int = 1 << 16
     broadcast_large_bytes: int = 1 << 20
+    broadcast_shm_bytes: int = 1 << 16
 
     def __post_init__(self) -> None:
         if self.segment_bytes < 64:
