@@ -10,7 +10,9 @@ and min/avg/max over ranks are printed beside it (OSU style). busbw = algbw *
 broadcast. #wrong counts elements that differ from the native result beyond
 round-off, summed over ranks; any makes the exit status non-zero. Buffers
 come from ``Communicator.allocate`` (node-shared memory), as the trainer's
-gradient buffer does.
+gradient buffer does. When torch is importable, PyTorch's gloo backend
+(initialised from the MPI rank and size) runs in the same loop for
+all-reduce and broadcast.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +32,7 @@ from mpitrain import threads
 from mpitrain.comm import Communicator
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+GLOO_OPS = ("allreduce", "broadcast")
 OURS = {"allreduce": "ring", "broadcast": "tree", "reduce_scatter": "ring", "allgather": "ring"}
 BUS_FACTOR = {"allreduce": lambda p: 2 * (p - 1) / p, "broadcast": lambda p: 1.0}
 BUS_FACTOR["reduce_scatter"] = BUS_FACTOR["allgather"] = lambda p: (p - 1) / p
@@ -63,8 +67,42 @@ def copy_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
     return 2 * nbytes / best / 1e9
 
 
+def start_gloo(world: MPI.Comm) -> bool:
+    """Initialise torch.distributed's gloo backend from the MPI rank and size; False without torch.
+
+    Rank 0 picks a free TCP port on its host (loopback when every rank is on
+    one host) and tells the others over MPI.
+    """
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:
+        return False
+    torch.set_num_threads(1)
+    hosts = world.allgather(MPI.Get_processor_name())
+    address = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(hosts[0])
+    port = None
+    if world.Get_rank() == 0:
+        with socket.socket() as probe:
+            probe.bind((address, 0))
+            port = probe.getsockname()[1]
+    port = world.bcast(port, root=0)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{address}:{port}", rank=world.Get_rank(), world_size=world.Get_size()
+    )
+    return True
+
+
 def operation(comm: Communicator, op: str, buf: np.ndarray, alg: str, root: int) -> Callable[[], object]:
     """The call to time for one collective and algorithm on ``buf``."""
+    if alg == "gloo":
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.from_numpy(buf)  # shares buf's memory: results land in buf
+        if op == "allreduce":
+            return lambda: dist.all_reduce(tensor)
+        return lambda: dist.broadcast(tensor, src=root)
     if op == "allreduce":
         return lambda: comm.allreduce(buf, op="sum", algorithm=alg)
     if op == "reduce_scatter":
@@ -104,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
     nthreads = threads.limit_threads(world, 1)
     comm = Communicator(checked=args.checked)
     dtype = np.dtype(args.dtype)
-    algorithms = args.algorithms.split(",") if args.algorithms else [OURS[args.op], "auto", "native"]
+    algorithms = args.algorithms.split(",") if args.algorithms else [OURS[args.op], "auto", "native", "gloo"]
+    if "gloo" in algorithms and (args.op not in GLOO_OPS or not start_gloo(world)):
+        algorithms.remove("gloo")  # torch missing, or gloo lacks the operation
     factor = BUS_FACTOR[args.op](p)
     bandwidth = copy_bandwidth()
     if rank == 0:
@@ -163,11 +203,15 @@ def run(args: argparse.Namespace) -> int:
         del buffers
     if rank == 0:
         print(f"# Out of bounds values : {wrong_total} {'OK' if wrong_total == 0 else 'FAILED'}")
+        if "gloo" in algorithms:
+            ratios = [r["busbw"] / g["busbw"] for r in rows for g in rows if r["algorithm"] == "auto"
+                      and g["algorithm"] == "gloo" and g["size"] == r["size"]]  # fmt: skip
+            print(f"# auto / gloo busbw    : {min(ratios):.2f}x to {max(ratios):.2f}x")
         for alg in algorithms:
             busbw = [r["busbw"] for r in rows if r["algorithm"] == alg]
             print(f"# Avg bus bandwidth    : {np.mean(busbw):.3f} GB/s ({alg})")
         meta = {"op": args.op, "ranks": p, "dtype": str(dtype), "copy_bandwidth_gbs": bandwidth}
-        meta["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
+        meta["mpi"] = " ".join(MPI.Get_library_version().splitlines()[0].split())
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({**meta, "tuning": comm.tuning.describe(), "rows": rows}, f, indent=1)
@@ -208,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op", choices=tuple(OURS), default="allreduce")
     parser.add_argument("--dtype", choices=("float16", "float32", "float64", "int32", "int64"), default="float32")
     parser.add_argument("--root", type=int, default=0, help="broadcast root")
-    parser.add_argument("--algorithms", default=None, help="comma-separated (default: ours, auto, native)")
+    parser.add_argument("--algorithms", default=None, help="comma-separated (default: ours, auto, native, gloo)")
     parser.add_argument("--checked", action="store_true", help="checked mode (measures its cost)")
     parser.add_argument("--json", default=None, help="write the rows to this file")
     parser.add_argument("--plot", default=None, help="write busbw against size to this PNG")
