@@ -76,6 +76,19 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _compression(text: str) -> str:
+    if text in ("none", "fp16", "bf16"):
+        return text
+    ratio = text[5:] if text.startswith("topk:") else ""
+    try:
+        valid = 0.0 < float(ratio) <= 1.0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected none, fp16, bf16 or topk:RATIO with RATIO in (0, 1]")
+    return text
+
+
 positive_int = _bounded(int, 1, "an integer >= 1")
 nonneg_int = _bounded(int, 0, "an integer >= 0")
 positive_float = _bounded(float, 0.0, "a number > 0", inclusive=False)
@@ -109,6 +122,10 @@ def _train_parser(prog: str) -> _Parser:
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="default %(default)s")
     p.add_argument("--backend", choices=backend.BACKENDS, default=d.backend, help="array backend")
     p.add_argument("--algorithm", choices=ALLREDUCE_ALGORITHMS, default=d.algorithm, help="gradient all-reduce")
+    p.add_argument("--bucket-mb", type=positive_float, default=d.bucket_mb, help="MiB per gradient all-reduce")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false", help="all-reduce only after backward")
+    p.add_argument("--compression", type=_compression, default=d.compression, help="none, fp16, bf16, topk:RATIO")
+    p.add_argument("--accumulate", type=positive_int, default=d.accumulate, help="micro-batches per step")
     p.add_argument("--threads", type=positive_int, default=None, help="BLAS threads per rank (default cores/ranks)")
     p.add_argument("--metrics", default=None, metavar="FILE.jsonl", help="one JSON line per epoch")
     p.add_argument("--save", default=None, metavar="FILE.npz", help="write the final parameters")

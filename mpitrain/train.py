@@ -19,6 +19,7 @@ from mpitrain.data import Dataset, ShardedBatches, eval_shard, load_dataset
 from mpitrain.nn import Module, SoftmaxCrossEntropy, build_model
 from mpitrain.optim import LRSchedule, build_optimizer
 from mpitrain.parallel import DataParallel
+from mpitrain.parallel.data_parallel import DEFAULT_BUCKET_BYTES
 
 EVAL_BATCH = 1024
 
@@ -46,6 +47,10 @@ class TrainConfig:
     dtype: str = "float32"
     backend: str = "numpy"
     algorithm: str = "auto"
+    bucket_mb: float = DEFAULT_BUCKET_BYTES / 2**20
+    overlap: bool = True
+    compression: str = "none"
+    accumulate: int = 1
     metrics: str | None = None
     save: str | None = None
     progress: bool = True
@@ -107,7 +112,19 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
     )
-    dp = DataParallel(model, optimizer, comm, algorithm=config.algorithm)
+    with comm.agreement():
+        if config.accumulate > config.batch_size:
+            raise ValueError(f"--accumulate {config.accumulate} exceeds the per-rank batch size {config.batch_size}")
+        dp = DataParallel(
+            model,
+            optimizer,
+            comm,
+            algorithm=config.algorithm,
+            bucket_bytes=max(1, int(config.bucket_mb * 2**20)),
+            overlap=config.overlap,
+            compression=config.compression,
+            accumulate=config.accumulate,
+        )
     dp.broadcast_parameters()
     leader = comm.rank == 0
     if leader:

@@ -9,6 +9,7 @@ import pytest
 from mpi4py import MPI
 
 from mpitrain.comm import Communicator, Tuning, raised_on_all_ranks
+from mpitrain.comm.communicator import bf16_to_f32, f32_to_bf16
 from tests.conftest import WORLD, rank_data
 
 P = WORLD.Get_size()
@@ -287,3 +288,28 @@ def test_agreement_raises_one_ranks_error_everywhere(comm: Communicator) -> None
     _raises_everywhere(body, FileNotFoundError, f"rank {comm.size - 1}: data.npz: no such file")
     with comm.agreement():
         pass
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["ring", "doubling", "shm", "auto"])
+@pytest.mark.parametrize("op", ["sum", "mean", "max"])
+@pytest.mark.parametrize("n", [1, P + 1, 1000, 100_003])
+def test_bfloat16_allreduce_in_float32(shared_comm: Communicator, algorithm: str, op: str, n: int) -> None:
+    values = rank_data(n, np.float32, shared_comm.rank, seed=5)
+    bits = shared_comm.allocate(n, np.uint16) if algorithm in ("shm", "auto") else np.empty(n, np.uint16)
+    f32_to_bf16(values, bits)
+    exact = bf16_to_f32(bits).astype(np.float64)
+    expected = native_reduce(exact, op)
+    scale = np.abs(exact)
+    WORLD.Allreduce(MPI.IN_PLACE, scale, op=MPI.SUM)
+    shared_comm.allreduce(bits, op=op, algorithm=algorithm)
+    error = np.abs(bf16_to_f32(bits) - expected)
+    assert (error <= (P + 1) * 2.0**-7 * scale + 1e-30).all()
+    assert same_on_every_rank(bits)
+
+
+@pytest.mark.mpi
+def test_bfloat16_rejects_native(comm: Communicator) -> None:
+    _raises_everywhere(
+        lambda: comm.allreduce(np.zeros(4, np.uint16), algorithm="native"), ValueError, "cannot reduce bfloat16"
+    )

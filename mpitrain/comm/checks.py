@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int32, np.int64))
+# uint16 buffers hold bfloat16 bit patterns (the upper half of float32), reduced in float32.
+DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.uint16))
 OPS = ("sum", "mean", "max", "min")
 ERROR_TYPES = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, RuntimeError)}
 
@@ -55,7 +56,7 @@ def choice_problem(what: str, value: Any, allowed: tuple[str, ...]) -> Problem |
 def op_problem(op: Any, dtype: np.dtype) -> Problem | None:
     """A problem with a reduction op for this dtype."""
     problem = choice_problem("op", op, OPS)
-    if problem is None and op == "mean" and dtype.kind != "f":
+    if problem is None and op == "mean" and dtype.kind != "f" and dtype != np.uint16:
         return "TypeError", f"op 'mean' needs a floating dtype, got {dtype}"
     return problem
 

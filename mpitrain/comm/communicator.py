@@ -2,8 +2,9 @@
 
 All collectives run on a private duplicate of the communicator passed in, so
 they never match a user's own messages. Buffers are C-contiguous numpy
-arrays of float16 (reduced in float32 arithmetic), float32, float64, int32 or
-int64, reduced in place.
+arrays of float16 (reduced in float32 arithmetic), float32, float64, int32,
+int64, or uint16 holding bfloat16 bit patterns (reduced in float32; not with
+MPI's native calls), reduced in place.
 """
 
 from __future__ import annotations
@@ -42,12 +43,39 @@ def _shm_problem(algorithm: str, shared: Any, buf: np.ndarray) -> tuple[str, str
     return None
 
 
+def _bf16_problem(algorithm: str, dtype: np.dtype) -> tuple[str, str] | None:
+    if algorithm == "native" and dtype == np.uint16:
+        return "ValueError", "MPI cannot reduce bfloat16 (uint16) buffers; use another algorithm"
+    return None
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bit patterns (uint16)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(values: np.ndarray, out: np.ndarray) -> None:
+    """Write the bfloat16 bit patterns of float32 ``values`` into uint16 ``out`` (truncating the mantissa)."""
+    np.copyto(out, np.ascontiguousarray(values, dtype=np.float32).view(np.uint32) >> 16, casting="unsafe")
+
+
 def reducer(op: str, dtype: np.dtype) -> Callable[..., Any]:
-    """The in-place reduction ``f(a, b, out=...)`` for an op; float16 is computed in float32."""
+    """The in-place reduction ``f(a, b, out=...)`` for an op; float16 and bfloat16 are computed in float32."""
     ufunc = UFUNCS[op]
     if dtype == np.float16:
         return lambda a, b, out: ufunc(a, b, out=out, dtype=np.float32)
+    if dtype == np.uint16:
+        return lambda a, b, out: f32_to_bf16(ufunc(bf16_to_f32(a), bf16_to_f32(b)), out)
     return ufunc
+
+
+def finisher(op: str, dtype: np.dtype, size: int) -> Callable[[np.ndarray], None] | None:
+    """What to do to each fully reduced chunk: divide by the world size for "mean", else nothing."""
+    if op != "mean":
+        return None
+    if dtype == np.uint16:
+        return lambda chunk: f32_to_bf16(bf16_to_f32(chunk) / size, chunk)
+    return lambda chunk: np.divide(chunk, size, out=chunk)
 
 
 class Communicator:
@@ -142,13 +170,13 @@ class Communicator:
         shared = self._find_shared(flat)
         problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, ALLREDUCE_ALGORITHMS)
         problem = problem or op_problem(op, buf.dtype) or _shm_problem(algorithm, shared, buf)
+        problem = problem or _bf16_problem(algorithm, buf.dtype)
         self._check("allreduce", buf, problem, op=op, algorithm=algorithm, shared=shared and shared[1])
         if self.size == 1 or flat.size == 0:
             return buf
         if algorithm == "auto":
             algorithm = self._auto_allreduce(flat, shared is not None)
-        reduce = reducer(op, flat.dtype)
-        finish = (lambda chunk: np.divide(chunk, self.size, out=chunk)) if op == "mean" else None
+        reduce, finish = reducer(op, flat.dtype), finisher(op, flat.dtype, self.size)
         if algorithm == "native":
             self.comm.Allreduce(MPI.IN_PLACE, flat, op=NATIVE_OPS[op])
             if finish is not None:
@@ -174,7 +202,7 @@ class Communicator:
         "native" (MPI's Reduce_scatter). Raises as ``allreduce``.
         """
         problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, SCATTER_GATHER_ALGORITHMS)
-        problem = problem or op_problem(op, buf.dtype)
+        problem = problem or op_problem(op, buf.dtype) or _bf16_problem(algorithm, buf.dtype)
         self._check("reduce_scatter", buf, problem, op=op, algorithm=algorithm)
         flat = buf.reshape(-1)
         start, stop = self.chunk_bounds(flat.size)[self.rank]
@@ -189,8 +217,9 @@ class Communicator:
             else:
                 reduce = reducer(op, flat.dtype)
                 ring.reduce_scatter(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype))
-        if op == "mean":
-            np.divide(flat[start:stop], self.size, out=flat[start:stop])
+        finish = finisher(op, flat.dtype, self.size)
+        if finish is not None:
+            finish(flat[start:stop])
         return start, stop
 
     def allgather(self, buf: np.ndarray, algorithm: str = "auto") -> np.ndarray:
@@ -277,7 +306,7 @@ class Communicator:
 
     def _auto_allreduce(self, flat: np.ndarray, shared: bool) -> str:
         if flat.nbytes < self.tuning.allreduce_small_bytes:
-            return "native"
+            return "doubling" if flat.dtype == np.uint16 else "native"
         return "shm" if shared else "ring"
 
     def _auto_broadcast(self, flat: np.ndarray, shared: bool) -> str:

@@ -156,10 +156,16 @@ class Module:
 
 
 class Sequential(Module):
-    """Layers applied in order; backward runs them in reverse."""
+    """Layers applied in order; backward runs them in reverse.
+
+    ``after_backward``, when set, is called with each layer's index as soon
+    as that layer's backward has finished (its gradients are final), so a
+    caller can start communicating them while earlier layers still compute.
+    """
 
     def __init__(self, *layers: Module) -> None:
         self.layers = list(layers)
+        self.after_backward: Callable[[int], None] | None = None
 
     def children(self) -> list[Module]:
         return list(self.layers)
@@ -173,6 +179,8 @@ class Sequential(Module):
         return x
 
     def backward(self, grad: Any) -> Any:
-        for layer in reversed(self.layers):
-            grad = layer.backward(grad)
+        for index in range(len(self.layers) - 1, -1, -1):
+            grad = self.layers[index].backward(grad)
+            if self.after_backward is not None:
+                self.after_backward(index)
         return grad

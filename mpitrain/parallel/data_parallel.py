@@ -1,53 +1,203 @@
-"""Synchronous data parallelism: one replica per rank, gradients averaged every step."""
+"""Synchronous data parallelism: one replica per rank, gradients averaged every step.
+
+The flat gradient buffer is laid out in reverse layer order, so the
+gradients that backward finishes first sit at its front. It is cut into
+buckets of about ``bucket_bytes``; with ``overlap`` a worker thread averages
+each bucket across the ranks as soon as backward has filled it, while the
+main thread goes on with earlier layers (numpy and MPI release the GIL). The
+optimizer waits for every bucket. Overlapped or not, the same buckets are
+reduced the same way, so the results are bit-identical.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from mpitrain import backend
 from mpitrain.comm import Communicator, mark_all_ranks
-from mpitrain.nn import Module, SoftmaxCrossEntropy
+from mpitrain.comm.compress import build_compressor
+from mpitrain.nn import Module, Sequential, SoftmaxCrossEntropy
 from mpitrain.optim import Optimizer
+
+DEFAULT_BUCKET_BYTES = 1 << 20
+PHASES = ("forward", "backward", "allreduce_wait", "optimizer")
+
+
+def plan_buckets(model: Module, bucket_bytes: int) -> list[tuple[int, int]]:
+    """(start, stop) of each bucket of the flat gradient buffer, in the order backward fills them.
+
+    Buckets end on parameter boundaries and hold at least ``bucket_bytes``
+    (the last may hold less).
+    """
+    itemsize = model.flat_grads.dtype.itemsize
+    buckets, start, end = [], 0, 0
+    for param in reversed(model.parameters()):
+        end += param.size
+        if (end - start) * itemsize >= bucket_bytes:
+            buckets.append((start, end))
+            start = end
+    if end > start:
+        buckets.append((start, end))
+    return buckets
+
+
+class _Reducer(threading.Thread):
+    """A worker thread that runs the bucket all-reduces in the order they are queued."""
+
+    def __init__(self, work: Callable[[int, int], None]) -> None:
+        super().__init__(name="mpitrain-allreduce", daemon=True)
+        self.work = work
+        self.jobs: queue.Queue[tuple[int, int] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                if self.error is None:
+                    self.work(*job)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread in wait()
+                self.error = exc
+            finally:
+                self.jobs.task_done()
+
+    def wait(self) -> None:
+        self.jobs.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 class DataParallel:
     """Wraps a model and its optimizer so every rank applies the same averaged update.
 
-    Each step: forward and backward on this rank's batch, one all-reduce
-    (mean) of the model's flat gradient buffer, then the optimizer updates the
-    flat parameter buffer. Since every rank starts from rank 0's parameters
-    and applies bit-identical gradients, the replicas stay bit-identical.
+    Each step: forward and backward on this rank's batch (as ``accumulate``
+    micro-batches, summed locally), the mean all-reduce of the flat gradient
+    buffer bucket by bucket, then one optimizer update of the flat parameter
+    buffer. Every rank starts from rank 0's parameters and applies
+    bit-identical gradients, so the replicas stay bit-identical.
 
     Args:
         model: a model whose ``init_params`` has run.
         optimizer: an optimizer over ``model.flat_params`` / ``model.flat_grads``.
         comm: the communicator of the data-parallel group.
         algorithm: all-reduce algorithm (see ``Communicator.allreduce``).
+        bucket_bytes: gradient bytes per all-reduce.
+        overlap: start each bucket's all-reduce during backward (needs a
+            Sequential model; other models reduce after backward).
+        compression: "none", "fp16", "bf16" or "topk:RATIO" (see ``comm.compress``).
+        accumulate: micro-batches per step, summed locally before one all-reduce.
+
+    Attributes:
+        timings: seconds spent per phase (forward, backward, allreduce_wait,
+            optimizer) over ``steps`` steps.
     """
 
-    def __init__(self, model: Module, optimizer: Optimizer, comm: Communicator, algorithm: str = "auto") -> None:
+    def __init__(
+        self,
+        model: Module,
+        optimizer: Optimizer,
+        comm: Communicator,
+        algorithm: str = "auto",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        overlap: bool = True,
+        compression: str = "none",
+        accumulate: int = 1,
+    ) -> None:
         if optimizer.params is not model.flat_params or optimizer.grads is not model.flat_grads:
             raise ValueError("the optimizer must update the model's own flat_params and flat_grads")
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be at least 1, got {bucket_bytes}")
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be at least 1, got {accumulate}")
         self.model, self.optimizer, self.comm, self.algorithm = model, optimizer, comm, algorithm
+        self.accumulate = accumulate
         self.loss_fn = SoftmaxCrossEntropy()
+        self.compressor = build_compressor(compression, comm, model.flat_grads.size)
+        self.buckets = plan_buckets(model, bucket_bytes)
+        self.overlap = overlap
+        self._ready = self._ready_offsets() if overlap and isinstance(model, Sequential) else None
+        self._next_bucket = 0
+        self._worker = _Reducer(self._reduce_bucket) if overlap else None
+        self.timings = dict.fromkeys(PHASES, 0.0)
+        self.steps = 0
+
+    def _ready_offsets(self) -> list[int]:
+        """For each layer index i: how many leading flat-gradient elements are final once layer i's backward ran."""
+        sizes = [sum(p.size for p in layer.parameters()) for layer in self.model.layers]
+        return [sum(sizes[i:]) for i in range(len(sizes))]
+
+    def _reduce_bucket(self, start: int, stop: int) -> None:
+        self.compressor.reduce_mean(self.comm, self.model.flat_grads, start, stop, self.algorithm)
+
+    def _submit_ready(self, layer: int) -> None:
+        ready = self._ready[layer]
+        while self._next_bucket < len(self.buckets) and self.buckets[self._next_bucket][1] <= ready:
+            self._worker.jobs.put(self.buckets[self._next_bucket])
+            self._next_bucket += 1
 
     def broadcast_parameters(self, root: int = 0) -> None:
         """Copy ``root``'s parameters to every rank."""
         self.comm.broadcast(self.model.flat_params, root=root)
 
     def train_step(self, x: Any, y: Any) -> tuple[float, int]:
-        """One synchronous step on this rank's batch; returns (local mean loss, local correct count)."""
-        model = self.model
+        """One synchronous step on this rank's batch; returns (local mean loss, local correct count).
+
+        With ``accumulate`` K the batch is cut into K micro-batches whose
+        gradients are summed with weights len(micro)/len(batch): the same
+        gradient as the whole batch at once, up to round-off.
+        """
+        if len(y) < self.accumulate:
+            raise ValueError(f"a batch of {len(y)} cannot be cut into {self.accumulate} micro-batches")
+        model, clock = self.model, time.perf_counter
         model.train()
         model.zero_grad()
-        logits = model.forward(x)
-        loss = self.loss_fn.forward(logits, y)
-        model.backward(self.loss_fn.backward())
-        backend.synchronize(model.xp)
-        self.comm.allreduce(model.flat_grads, op="mean", algorithm=self.algorithm)
+        loss, correct, forward, backward = 0.0, 0, 0.0, 0.0
+        bounds = [len(y) * i // self.accumulate for i in range(self.accumulate + 1)]
+        for i in range(self.accumulate):
+            xm, ym = x[bounds[i] : bounds[i + 1]], y[bounds[i] : bounds[i + 1]]
+            t0 = clock()
+            logits = model.forward(xm)
+            weight = len(ym) / len(y)
+            loss += weight * self.loss_fn.forward(logits, ym)
+            correct += int((logits.argmax(axis=1) == ym).sum())
+            grad = self.loss_fn.backward()
+            if self.accumulate > 1:
+                grad *= weight
+            t1 = clock()
+            last = i == self.accumulate - 1
+            if last and self._ready is not None:
+                self._next_bucket = 0
+                model.after_backward = self._submit_ready
+            try:
+                model.backward(grad)
+            finally:
+                if last and self._ready is not None:
+                    model.after_backward = None
+            backend.synchronize(model.xp)
+            forward, backward = forward + t1 - t0, backward + clock() - t1
+        t2 = clock()
+        if self._worker is not None:
+            for bucket in self.buckets[self._next_bucket if self._ready is not None else 0 :]:
+                self._worker.jobs.put(bucket)
+            self._worker.wait()
+        else:
+            for bucket in self.buckets:
+                self._reduce_bucket(*bucket)
+        t3 = clock()
         self.optimizer.step()
-        return loss, int((logits.argmax(axis=1) == y).sum())
+        self._record(forward, backward, t3 - t2, clock() - t3)
+        return loss, correct
+
+    def _record(self, *seconds: float) -> None:
+        for phase, value in zip(PHASES, seconds, strict=True):
+            self.timings[phase] += value
+        self.steps += 1
 
     def parameter_digest(self) -> str:
         """sha256 of this rank's parameter bytes."""
