@@ -134,6 +134,10 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
             f"{batches.steps_per_epoch} steps/epoch",
             flush=True,
         )
+    # The batch buffers are filled in place every step (no allocation per step).
+    x_train = data.x_train.astype(dtype, copy=False)
+    x_batch = np.empty((config.batch_size, *data.sample_shape), dtype)
+    y_batch = np.empty(config.batch_size, data.y_train.dtype)
     history = []
     for epoch in range(config.epochs):
         start = MPI.Wtime()
@@ -146,8 +150,9 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
             file=sys.stderr,
         )
         for idx in batches.batches(epoch):
-            x = backend.to_device(data.x_train[idx].astype(dtype, copy=False), xp)
-            y = backend.to_device(data.y_train[idx], xp)
+            np.take(x_train, idx, axis=0, out=x_batch)
+            np.take(data.y_train, idx, out=y_batch)
+            x, y = backend.to_device(x_batch, xp), backend.to_device(y_batch, xp)
             loss, correct = dp.train_step(x, y)
             totals += (loss * len(idx), correct, len(idx))
             bar.update()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from mpi4py import MPI
 
 from mpitrain.comm import Communicator, raised_on_all_ranks
+from mpitrain.comm.compress import build_compressor
 from mpitrain.data import ShardedBatches
 from mpitrain.nn import build_model
 from mpitrain.optim import SGD
@@ -79,3 +82,92 @@ def test_every_rank_gets_the_same_number_of_steps() -> None:
     steps = [ShardedBatches(1437, 32, r, WORLD.Get_size(), 0).steps_per_epoch for r in range(WORLD.Get_size())]
     counts = WORLD.allgather(len(list(ShardedBatches(1437, 32, WORLD.Get_rank(), WORLD.Get_size(), 0).batches(0))))
     assert len(set(counts)) == 1 and counts[0] == steps[0]
+
+
+def _train(comm: Communicator, **options) -> np.ndarray:
+    config = {"epochs": 1, "progress": False, "hidden": (32,), "batch_size": 16, **options}
+    return train(TrainConfig(**config), comm).model.flat_params.copy()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("compression", ["none", "fp16", "topk:0.05"])
+def test_overlapped_buckets_are_bit_identical_to_reducing_after_backward(comm: Communicator, compression: str) -> None:
+    small = {"bucket_mb": 0.004, "compression": compression, "model": "cnn"}  # several buckets per step
+    overlapped = _train(comm, overlap=True, **small)
+    after = _train(comm, overlap=False, **small)
+    assert overlapped.tobytes() == after.tobytes()
+
+
+@pytest.mark.mpi
+def test_accumulation_equals_a_k_times_larger_batch(comm: Communicator) -> None:
+    accumulated = _train(comm, dtype="float64", batch_size=24, accumulate=3)
+    whole = _train(comm, dtype="float64", batch_size=24)
+    np.testing.assert_allclose(accumulated, whole, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("compression", ["fp16", "bf16", "topk:0.3"])
+def test_compressed_training_converges_on_digits(comm: Communicator, compression: str) -> None:
+    history = train(TrainConfig(progress=False, compression=compression), comm).history
+    baseline = train(TrainConfig(progress=False), comm).history
+    tolerance = 0.005 if compression == "fp16" else 0.03
+    assert history[-1]["test_acc"] >= baseline[-1]["test_acc"] - tolerance, (history[-1], baseline[-1])
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("compression", ["fp16", "bf16", "topk:0.25"])
+def test_compressed_allreduce_round_trip(comm: Communicator, compression: str) -> None:
+    n = 1000
+    compressor = build_compressor(compression, comm, n)
+    grads = comm.allocate(n, np.float32)
+    local = np.random.default_rng([3, comm.rank]).standard_normal(n).astype(np.float32)
+    grads[...] = local
+    exact = local.astype(np.float64)
+    WORLD.Allreduce(MPI.IN_PLACE, exact, op=MPI.SUM)
+    exact /= comm.size
+    compressor.reduce_mean(comm, grads, 0, n, "auto")
+    identical = len(set(WORLD.allgather(grads.tobytes()))) == 1
+    if compression == "fp16":
+        assert np.abs(grads - exact).max() <= 2e-3 * np.abs(exact).max() + 1e-3
+    elif compression == "bf16":
+        assert np.abs(grads - exact).max() <= comm.size * 2**-7 * 4
+    else:
+        sent = np.count_nonzero(compressor.residual == 0)
+        assert sent == 250  # the sent entries leave the residual
+        kept = grads != 0
+        assert kept.sum() <= 250 * comm.size
+    assert identical
+
+
+def test_bad_compression_and_accumulation_values() -> None:
+    comm = Communicator(MPI.COMM_SELF)
+    with pytest.raises(ValueError, match="topk:RATIO"):
+        build_compressor("topk:2", comm, 10)
+    with pytest.raises(ValueError, match="unknown compression"):
+        build_compressor("zip", comm, 10)
+    model = build_model("mlp", (4,), 2, (3,)).init_params()
+    opt = SGD(model.flat_params, model.flat_grads, 0.1)
+    with pytest.raises(ValueError, match="accumulate"):
+        DataParallel(model, opt, comm, accumulate=0)
+    with pytest.raises(ValueError, match="micro-batches"):
+        DataParallel(model, opt, comm, accumulate=4).train_step(np.zeros((2, 4), np.float32), np.zeros(2, int))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name,hidden", [("mlp", (1024, 1024)), ("cnn", (64,))])
+@pytest.mark.parametrize("compression", ["none", "fp16"])
+def test_steady_state_step_allocates_no_large_arrays(
+    comm: Communicator, name: str, hidden: tuple, compression: str
+) -> None:
+    net = build_model(name, (1, 28, 28), 10, hidden).init_params(allocate=comm.allocate)
+    dp = DataParallel(net, SGD(net.flat_params, net.flat_grads, 0.01, momentum=0.9), comm, compression=compression)
+    x = np.random.default_rng(comm.rank).standard_normal((128, 1, 28, 28), dtype=np.float32)
+    y = np.arange(128) % 10
+    for _ in range(2):
+        dp.train_step(x, y)
+    tracemalloc.start()
+    dp.train_step(x, y)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # Every activation here is at least 512 KiB and the model 7 MiB (mlp) / 0.1 MiB with 3 MiB activations (cnn).
+    assert peak < 256 * 1024, f"a steady-state step allocated {peak / 1024:.0f} KiB at its peak"

@@ -2,6 +2,11 @@
 
 Images are NCHW. Every layer works on whatever array module ``self.xp`` is
 (set by ``Module.init_params``) and accumulates into its parameters' ``grad``.
+
+Outputs and input gradients are written into workspaces that a layer keeps
+and reuses while shapes repeat, so a steady-state training step allocates no
+large arrays. The price: a layer's output is valid until its next forward
+(its input gradient until its next backward); copy what must outlive that.
 """
 
 from __future__ import annotations
@@ -20,6 +25,19 @@ def _positive_int(name: str, value: int) -> int:
     return int(value)
 
 
+def _workspace(layer: Module, name: str, shape: tuple[int, ...], dtype: Any, zeroed: bool = False) -> Any:
+    """A buffer kept on the layer and reused while the shape and dtype repeat (no per-step allocation).
+
+    ``zeroed``: a new buffer starts as zeros (for buffers whose untouched parts must stay zero).
+    """
+    key = f"_ws_{name}"
+    buf = getattr(layer, key, None)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = (layer.xp.zeros if zeroed else layer.xp.empty)(shape, dtype=dtype)
+        setattr(layer, key, buf)
+    return buf
+
+
 class Linear(Module):
     """y = x @ weight + bias, with weight of shape (in_features, out_features)."""
 
@@ -33,12 +51,20 @@ class Linear(Module):
         if x.ndim != 2 or x.shape[1] != self.weight.shape[0]:
             raise ValueError(f"Linear expects input (batch, {self.weight.shape[0]}), got {tuple(x.shape)}")
         self._x = x
-        return x @ self.weight.data + self.bias.data
+        out = _workspace(self, "out", (x.shape[0], self.weight.shape[1]), x.dtype)
+        self.xp.matmul(x, self.weight.data, out=out)
+        out += self.bias.data
+        return out
 
     def backward(self, grad: Any) -> Any:
-        self.weight.grad += self._x.T @ grad
+        xp = self.xp
+        dw = _workspace(self, "dw", self.weight.shape, grad.dtype)
+        xp.matmul(self._x.T, grad, out=dw)
+        self.weight.grad += dw
         self.bias.grad += grad.sum(axis=0)
-        return grad @ self.weight.data.T
+        dx = _workspace(self, "dx", self._x.shape, grad.dtype)
+        xp.matmul(grad, self.weight.data.T, out=dx)
+        return dx
 
 
 class Conv2d(Module):
@@ -78,32 +104,50 @@ class Conv2d(Module):
         xp = self.xp
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d expects input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
         oh, ow = self.output_hw(h, w)
         if oh < 1 or ow < 1:
             raise ValueError(f"Conv2d kernel {self.kernel} does not fit input {h}x{w} with padding {self.padding}")
         p, k, s = self.padding, self.kernel, self.stride
-        xpad = xp.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
-        windows = xp.lib.stride_tricks.sliding_window_view(xpad, (k, k), axis=(2, 3))[:, :, ::s, ::s][:, :, :oh, :ow]
-        cols = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)
-        self._cols, self._xshape = cols, xpad.shape
-        out = cols @ self.weight.data.reshape(self.out_channels, -1).T + self.bias.data
-        return xp.ascontiguousarray(out.reshape(n, oh, ow, self.out_channels).transpose(0, 3, 1, 2))
+        xpad = x
+        if p:  # the border of the padded workspace is zeroed once and never written
+            xpad = _workspace(self, "pad", (n, c, h + 2 * p, w + 2 * p), x.dtype, zeroed=True)
+            xpad[:, :, p : p + h, p : p + w] = x
+        # Columns transposed, (C, k, k, N, OH, OW): each (c, i, j) row is filled by one copy
+        # whose inner axis is contiguous, far faster than gathering k x k windows per pixel.
+        cols = _workspace(self, "cols", (c, k, k, n, oh, ow), x.dtype)
+        channels_first = xpad.transpose(1, 0, 2, 3)
+        for i in range(k):
+            for j in range(k):
+                cols[:, i, j] = channels_first[:, :, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s]
+        self._cols, self._xshape = cols.reshape(c * k * k, -1), xpad.shape
+        gemm = _workspace(self, "gemm", (self.out_channels, n * oh * ow), x.dtype)
+        xp.matmul(self.weight.data.reshape(self.out_channels, -1), self._cols, out=gemm)
+        gemm += self.bias.data[:, None]
+        out = _workspace(self, "out", (n, self.out_channels, oh, ow), x.dtype)
+        out[...] = gemm.reshape(self.out_channels, n, oh, ow).transpose(1, 0, 2, 3)
+        return out
 
     def backward(self, grad: Any) -> Any:
         xp = self.xp
         n, _, oh, ow = grad.shape
         k, s, p = self.kernel, self.stride, self.padding
-        g = grad.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)
-        self.weight.grad += (g.T @ self._cols).reshape(self.weight.shape)
-        self.bias.grad += g.sum(axis=0)
-        dcols = (g @ self.weight.data.reshape(self.out_channels, -1)).reshape(n, oh, ow, self.in_channels, k, k)
-        dx = xp.zeros(self._xshape, dtype=grad.dtype)
+        g = _workspace(self, "g", (self.out_channels, n, oh, ow), grad.dtype)
+        g[...] = grad.transpose(1, 0, 2, 3)
+        g = g.reshape(self.out_channels, -1)
+        dw = _workspace(self, "dw", (self.out_channels, self._cols.shape[0]), grad.dtype)
+        xp.matmul(g, self._cols.T, out=dw)
+        self.weight.grad += dw.reshape(self.weight.shape)
+        self.bias.grad += g.sum(axis=1)
+        dcols = _workspace(self, "dcols", self._cols.shape, grad.dtype)
+        xp.matmul(self.weight.data.reshape(self.out_channels, -1).T, g, out=dcols)
+        dcols = dcols.reshape(self.in_channels, k, k, n, oh, ow)
+        dx = _workspace(self, "dx", self._xshape, grad.dtype)
+        dx.fill(0)
+        dx_channels_first = dx.transpose(1, 0, 2, 3)
         for i in range(k):
             for j in range(k):
-                dx[:, :, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s] += dcols[
-                    :, :, :, :, i, j
-                ].transpose(0, 3, 1, 2)
+                dx_channels_first[:, :, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s] += dcols[:, i, j]
         return dx[:, :, p : dx.shape[2] - p, p : dx.shape[3] - p] if p else dx
 
 
@@ -119,20 +163,41 @@ class MaxPool2d(Module):
         k, s = self.kernel, self.stride
         if x.ndim != 4 or x.shape[2] < k or x.shape[3] < k:
             raise ValueError(f"MaxPool2d({k}) expects input (N, C, H>={k}, W>={k}), got {tuple(x.shape)}")
-        windows = xp.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::s, ::s]
-        flat = windows.reshape(*windows.shape[:4], k * k)
-        self._argmax = flat.argmax(axis=-1)
-        self._xshape = x.shape
-        return xp.take_along_axis(flat, self._argmax[..., None], axis=-1)[..., 0]
+        oh, ow = (x.shape[2] - k) // s + 1, (x.shape[3] - k) // s + 1
+        self._x, self._out_hw = x, (oh, ow)
+        # Running maximum over the k*k window positions, each a strided view of x.
+        out = _workspace(self, "out", (*x.shape[:2], oh, ow), x.dtype)
+        out[...] = self._window(x, 0, 0)
+        for i, j in self._positions()[1:]:
+            xp.maximum(out, self._window(x, i, j), out=out)
+        self._out = out
+        return out
+
+    def _positions(self) -> list[tuple[int, int]]:
+        return [divmod(idx, self.kernel) for idx in range(self.kernel * self.kernel)]
+
+    def _window(self, a: Any, i: int, j: int) -> Any:
+        oh, ow = self._out_hw
+        s = self.stride
+        return a[:, :, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s]
 
     def backward(self, grad: Any) -> Any:
         xp = self.xp
-        k, s = self.kernel, self.stride
-        oh, ow = grad.shape[2:]
-        dx = xp.zeros(self._xshape, dtype=grad.dtype)
-        for idx in range(k * k):
-            i, j = divmod(idx, k)
-            dx[:, :, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s] += grad * (self._argmax == idx)
+        dx = _workspace(self, "dx", self._x.shape, grad.dtype)
+        dx.fill(0)
+        unclaimed = _workspace(self, "unclaimed", grad.shape, bool)
+        unclaimed.fill(True)
+        hit = _workspace(self, "hit", grad.shape, bool)
+        disjoint = self.stride >= self.kernel  # windows do not overlap: plain writes suffice
+        # Each output's gradient goes to the first position (row-major) holding its maximum.
+        for i, j in self._positions():
+            xp.equal(self._window(self._x, i, j), self._out, out=hit)
+            hit &= unclaimed
+            xp.greater(unclaimed, hit, out=unclaimed)  # unclaimed and not hit
+            if disjoint:
+                xp.multiply(grad, hit, out=self._window(dx, i, j))
+            else:
+                self._window(dx, i, j)[...] += grad * hit
         return dx
 
 
@@ -151,11 +216,16 @@ class ReLU(Module):
     """max(x, 0)."""
 
     def forward(self, x: Any) -> Any:
-        self._mask = x > 0
-        return x * self._mask
+        self._mask = _workspace(self, "mask", x.shape, bool)
+        self.xp.greater(x, 0, out=self._mask)
+        out = _workspace(self, "out", x.shape, x.dtype)
+        self.xp.multiply(x, self._mask, out=out)
+        return out
 
     def backward(self, grad: Any) -> Any:
-        return grad * self._mask
+        dx = _workspace(self, "dx", grad.shape, grad.dtype)
+        self.xp.multiply(grad, self._mask, out=dx)
+        return dx
 
 
 class Tanh(Module):

@@ -1,0 +1,237 @@
+"""Training throughput: mpitrain against PyTorch DDP (gloo), side by side in one invocation.
+
+    python benchmarks/training.py --ranks 1,2,4 --steps 30 --json build/training.json --plot build/training.png
+
+The driver starts one ``mpiexec -n N`` job per (framework, model, ranks),
+interleaved, each a worker of this same script; workers time ``--steps``
+steps after ``--warmup`` on synthetic MNIST-shaped data (per-rank batch
+128, float32) and report samples/s (global samples over the slowest rank's
+time) and, for mpitrain, the mean per-step breakdown over ranks: forward,
+backward, exposed all-reduce wait and optimizer. Each rank uses ``--threads``
+BLAS threads (default 1), torch too (torch.set_num_threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+MODELS = {"mlp": (1024, 1024), "cnn": (64,)}
+INPUT = (1, 28, 28)
+CLASSES = 10
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run inside an MPI job: time one framework on one model; rank 0 prints one JSON line."""
+    from mpi4py import MPI
+
+    from mpitrain import threads
+
+    world = MPI.COMM_WORLD
+    nthreads = threads.limit_threads(world, args.threads)
+    rng = np.random.default_rng([args.seed, world.Get_rank()])
+    x = rng.standard_normal((args.batch, *INPUT), dtype=np.float32)
+    y = rng.integers(0, CLASSES, args.batch)
+    step, breakdown, reset = (_mpitrain_step if args.framework == "mpitrain" else _ddp_step)(
+        args, world, nthreads, x, y
+    )
+    for _ in range(args.warmup):
+        step()
+    reset()
+    world.Barrier()
+    start = MPI.Wtime()
+    for _ in range(args.steps):
+        step()
+    elapsed = world.allreduce(MPI.Wtime() - start, op=MPI.MAX)
+    parts = {k: world.allreduce(v, op=MPI.SUM) / world.Get_size() for k, v in breakdown().items()}
+    if world.Get_rank() == 0:
+        record = {
+            "framework": args.framework, "model": args.model, "ranks": world.Get_size(), "threads": nthreads,
+            "samples_per_s": args.steps * args.batch * world.Get_size() / elapsed,
+            "step_ms": elapsed / args.steps * 1e3, **{f"{k}_ms": v * 1e3 for k, v in parts.items()},
+        }  # fmt: skip
+        print("RESULT " + json.dumps(record), flush=True)
+
+
+def _mpitrain_step(args, world, nthreads, x, y):
+    from mpitrain.comm import Communicator
+    from mpitrain.nn import build_model
+    from mpitrain.optim import SGD
+    from mpitrain.parallel import DataParallel
+
+    comm = Communicator(world)
+    model = build_model(args.model, INPUT, CLASSES, MODELS[args.model]).init_params(seed=0, allocate=comm.allocate)
+    dp = DataParallel(model, SGD(model.flat_params, model.flat_grads, 0.01, momentum=0.9), comm,
+                      bucket_bytes=int(args.bucket_mb * 2**20), overlap=not args.no_overlap)  # fmt: skip
+    dp.broadcast_parameters()
+
+    def breakdown() -> dict[str, float]:
+        steps = max(dp.steps, 1)
+        return {phase: seconds / steps for phase, seconds in dp.timings.items()}
+
+    def reset() -> None:
+        dp.timings = dict.fromkeys(dp.timings, 0.0)
+        dp.steps = 0
+
+    return lambda: dp.train_step(x, y), breakdown, reset
+
+
+def _ddp_step(args, world, nthreads, x, y):
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+    from torch import nn
+
+    torch.set_num_threads(nthreads)
+    torch.manual_seed(0)
+    hosts = world.allgather(MPI.Get_processor_name())
+    address = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(hosts[0])
+    port = None
+    if world.Get_rank() == 0:
+        with socket.socket() as probe:
+            probe.bind((address, 0))
+            port = probe.getsockname()[1]
+    port = world.bcast(port, root=0)
+    dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=world.Get_rank(),
+                            world_size=world.Get_size())  # fmt: skip
+    if args.model == "mlp":
+        layers = [nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)]
+    else:
+        layers = [nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1)]
+        layers += [nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10)]
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(*layers))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss_fn(model(tx), ty).backward()
+        optimizer.step()
+
+    return step, dict, lambda: None
+
+
+def driver(args: argparse.Namespace) -> int:
+    """Start the worker jobs, print the table, write JSON and a plot; returns the exit status."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    launcher = launcher if os.path.exists(launcher) else shutil.which("mpiexec") or "mpiexec"
+    probe = subprocess.run([launcher, "--version"], capture_output=True, text=True, check=False)
+    extra = ["--oversubscribe"] if "Open MPI" in probe.stdout + probe.stderr else []
+    frameworks = ["mpitrain"]
+    try:
+        import torch  # noqa: F401
+
+        frameworks.append("ddp")
+    except ImportError:
+        print("# torch is not importable: PyTorch DDP is left out (pip install torch==2.13.0)")
+    ranks = [int(r) for r in args.ranks.split(",")]
+    records = []
+    for model in args.models.split(","):
+        for n in ranks:
+            for framework in frameworks:
+                options = {"framework": framework, "model": model, "steps": args.steps, "warmup": args.warmup,
+                           "batch": args.batch, "threads": args.threads, "bucket-mb": args.bucket_mb}  # fmt: skip
+                flags = [part for k, v in options.items() for part in (f"--{k}", str(v))]
+                flags += ["--no-overlap"] if args.no_overlap else []
+                command = [
+                    launcher,
+                    *extra,
+                    "-n",
+                    str(n),
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--worker",
+                    *flags,
+                ]
+                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                if done.returncode != 0 or not lines:
+                    print(
+                        f"# {framework} {model} at {n} rank(s) failed (exit {done.returncode}):\n{done.stderr[-2000:]}"
+                    )
+                    return 1
+                records.append(json.loads(lines[0][7:]))
+    print_table(records)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if args.plot:
+        plot(records, args.plot)
+    return 0
+
+
+def print_table(records: list[dict]) -> None:
+    """Samples/s, scaling, ratio to DDP and the mpitrain step breakdown."""
+    base = {(r["framework"], r["model"]): r["samples_per_s"] for r in records if r["ranks"] == 1}
+    ddp = {(r["model"], r["ranks"]): r["samples_per_s"] for r in records if r["framework"] == "ddp"}
+    print(
+        f"# {'framework':>9} {'model':>5} {'ranks':>5} {'thr':>3} {'samples/s':>10} {'scaling':>7} {'eff':>5} "
+        f"{'vs_ddp':>6} {'step_ms':>8} {'fwd_ms':>7} {'bwd_ms':>7} {'wait_ms':>7} {'opt_ms':>7} {'wait%':>5}"
+    )
+    for r in records:
+        speedup = r["samples_per_s"] / base.get((r["framework"], r["model"]), float("nan"))
+        versus = r["samples_per_s"] / ddp[(r["model"], r["ranks"])] if (r["model"], r["ranks"]) in ddp else float("nan")
+        parts = [r.get(f"{k}_ms", float("nan")) for k in ("forward", "backward", "allreduce_wait", "optimizer")]
+        print(
+            f"  {r['framework']:>9} {r['model']:>5} {r['ranks']:>5} {r['threads']:>3} {r['samples_per_s']:>10.0f} "
+            f"{speedup:>7.2f} {speedup / r['ranks']:>5.2f} {versus:>6.2f} {r['step_ms']:>8.2f} "
+            + " ".join(f"{v:>7.2f}" for v in parts)
+            + f" {100 * parts[2] / r['step_ms']:>5.1f}"
+        )
+
+
+def plot(records: list[dict], path: str) -> None:
+    """samples/s against ranks, one line per framework and model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in sorted({(r["framework"], r["model"]) for r in records}):
+        mine = [r for r in records if (r["framework"], r["model"]) == key]
+        ax.plot([r["ranks"] for r in mine], [r["samples_per_s"] for r in mine], marker="o", label=" ".join(key))
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("samples/s")
+    ax.set_title("training throughput, per-rank batch 128, float32")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options; ``--worker`` runs inside an MPI job, otherwise this is the driver."""
+    parser = argparse.ArgumentParser(prog="benchmarks/training.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--ranks", default="1,2,4", help="rank counts, e.g. 1,2,4")
+    parser.add_argument("--models", default="mlp,cnn", help="mlp (784-1024-1024-10) and/or cnn")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--batch", type=int, default=128, help="per-rank batch")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS/torch threads per rank")
+    parser.add_argument("--bucket-mb", type=float, default=1.0, help="mpitrain gradient bucket size")
+    parser.add_argument("--no-overlap", action="store_true", help="mpitrain: all-reduce after backward")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per worker job")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--framework", default="mpitrain", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    return driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
