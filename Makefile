@@ -3,7 +3,8 @@
 #   make install   venv + package + test tools (+ PyPI's MPICH when no mpiexec exists)
 #   make train     default training job (MLP on digits) on NP ranks
 #   make test      ruff, then pytest under mpiexec at 1, 2, 3 and 4 ranks
-#   make bench     collective benchmark (nccl-tests style) on NP ranks
+#   make bench     collective benchmark (nccl-tests style) on NP ranks, then the training
+#                  benchmark at 1, 2 and 4 ranks (against PyTorch DDP when torch is installed)
 #   make lint      ruff
 #
 # PYTHON=/path/to/python uses that interpreter instead of a .venv here.
@@ -57,6 +58,7 @@ test: lint
 bench: install
 	@mkdir -p build
 	$(MPIRUN) $(NP) $(PYTHON) -m mpitrain bench collectives --json build/collectives.json --plot build/collectives.png $(ARGS)
+	$(PYTHON) -m mpitrain bench training --json build/training.json --plot build/training.png
 
 clean:
 	rm -rf build $(VENV) *.egg-info

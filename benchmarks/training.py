@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 
 import numpy as np
+
+from mpitrain.jobs import child_environment, mpiexec_command
 
 MODELS = {"mlp": (1024, 1024), "cnn": (64,)}
 INPUT = (1, 28, 28)
@@ -121,10 +122,6 @@ def _ddp_step(args, world, nthreads, x, y):
 
 def driver(args: argparse.Namespace) -> int:
     """Start the worker jobs, print the table, write JSON and a plot; returns the exit status."""
-    launcher = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    launcher = launcher if os.path.exists(launcher) else shutil.which("mpiexec") or "mpiexec"
-    probe = subprocess.run([launcher, "--version"], capture_output=True, text=True, check=False)
-    extra = ["--oversubscribe"] if "Open MPI" in probe.stdout + probe.stderr else []
     frameworks = ["mpitrain"]
     try:
         import torch  # noqa: F401
@@ -141,17 +138,10 @@ def driver(args: argparse.Namespace) -> int:
                            "batch": args.batch, "threads": args.threads, "bucket-mb": args.bucket_mb}  # fmt: skip
                 flags = [part for k, v in options.items() for part in (f"--{k}", str(v))]
                 flags += ["--no-overlap"] if args.no_overlap else []
-                command = [
-                    launcher,
-                    *extra,
-                    "-n",
-                    str(n),
-                    sys.executable,
-                    os.path.abspath(__file__),
-                    "--worker",
-                    *flags,
-                ]
-                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
+                command = mpiexec_command(n, sys.executable, os.path.abspath(__file__), "--worker", *flags)
+                done = subprocess.run(
+                    command, capture_output=True, text=True, timeout=args.timeout, check=False, env=child_environment()
+                )
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                 if done.returncode != 0 or not lines:
                     print(

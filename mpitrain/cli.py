@@ -194,7 +194,7 @@ COMMANDS = {
     "info": (_info_parser, _run_info),
     "bench": (_bench_parser, _run_bench),
 }
-BENCHMARKS = ("collectives",)
+BENCHMARKS = ("collectives", "training")
 
 
 def parse(argv: Sequence[str], prog: str = "python -m mpitrain") -> argparse.Namespace:

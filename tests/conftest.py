@@ -8,8 +8,6 @@ do their collectives first and assert afterwards.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 
@@ -18,6 +16,7 @@ import pytest
 from mpi4py import MPI
 
 from mpitrain.comm import Communicator
+from mpitrain.jobs import child_environment, mpiexec_command
 
 WORLD = MPI.COMM_WORLD
 
@@ -50,28 +49,11 @@ def comm() -> Communicator:
     return Communicator()
 
 
-def mpiexec_command(ranks: int, *args: str) -> list[str]:
-    """An mpiexec command line running ``python -m mpitrain *args`` on ``ranks`` ranks."""
-    launcher = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if not os.path.exists(launcher):
-        launcher = shutil.which("mpiexec") or "mpiexec"
-    probe = subprocess.run([launcher, "--version"], capture_output=True, text=True, check=False)
-    extra = ["--oversubscribe"] if "Open MPI" in probe.stdout + probe.stderr else []
-    return [launcher, *extra, "-n", str(ranks), sys.executable, "-m", "mpitrain", *args]
-
-
-def clean_env() -> dict[str, str]:
-    """This process's environment without the variables of the MPI job it runs in."""
-    prefixes = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPI_LOCAL", "OMPI_COMM", "OMPI_MCA_ess", "PRTE_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env["MPIEXEC_TIMEOUT"] = "240"
-    return env
-
-
 def run_mpitrain(ranks: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run ``python -m mpitrain`` under a fresh mpiexec; returns the finished process."""
+    command = mpiexec_command(ranks, sys.executable, "-m", "mpitrain", *args)
     return subprocess.run(
-        mpiexec_command(ranks, *args), capture_output=True, text=True, env=clean_env(), timeout=timeout, check=False
+        command, capture_output=True, text=True, env=child_environment(timeout), timeout=timeout + 10, check=False
     )
 
 

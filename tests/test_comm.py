@@ -190,6 +190,9 @@ def test_auto_choice_follows_the_thresholds(comm: Communicator) -> None:
     assert comm._auto_allreduce(np.zeros(small // 4 - 1, np.float32), shared=True) == "native"
     assert comm._auto_allreduce(np.zeros(small // 4, np.float32), shared=False) == "ring"
     assert comm._auto_allreduce(np.zeros(small // 4, np.float32), shared=True) == "shm"
+    assert comm._auto_allreduce(np.zeros(8, np.float16), shared=True) == "shm"
+    assert comm._auto_allreduce(np.zeros(8, np.uint16), shared=False) == "doubling"
+    assert comm._auto_allreduce(np.zeros(small, np.float16), shared=False) == "ring"
     assert large > small
     wide = np.zeros(large // 4, np.float32)
     assert comm._auto_broadcast(wide, shared=False) == ("scatter" if comm.size > 2 else "tree")

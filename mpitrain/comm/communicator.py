@@ -158,7 +158,7 @@ class Communicator:
         few rounds for small buffers), "shm" (node shared memory, hierarchical
         across nodes), "native" (MPI's in-place Allreduce), or "auto":
         native below ``tuning.allreduce_small_bytes``, else shm for shared
-        buffers, else ring. Every algorithm but native gives bit-identical
+        buffers, else ring (16-bit types never go to native). Every algorithm but native gives bit-identical
         results on every rank.
 
         Raises:
@@ -305,8 +305,13 @@ class Communicator:
         self.comm.Free()
 
     def _auto_allreduce(self, flat: np.ndarray, shared: bool) -> str:
-        if flat.nbytes < self.tuning.allreduce_small_bytes:
-            return "doubling" if flat.dtype == np.uint16 else "native"
+        small = flat.nbytes < self.tuning.allreduce_small_bytes
+        if flat.dtype.itemsize == 2:
+            # float16 / bfloat16: MPI has no bfloat16, and MPICH's float16 sum measured 2.5-4x
+            # slower than ours (1 MiB, 2 ranks: 4.7 ms native, 1.1 ms shm, 1.3 ms ring).
+            return "shm" if shared else ("doubling" if small else "ring")
+        if small:
+            return "native"
         return "shm" if shared else "ring"
 
     def _auto_broadcast(self, flat: np.ndarray, shared: bool) -> str:
