@@ -126,6 +126,18 @@ def _train_parser(prog: str) -> _Parser:
     p.add_argument("--no-overlap", dest="overlap", action="store_false", help="all-reduce only after backward")
     p.add_argument("--compression", type=_compression, default=d.compression, help="none, fp16, bf16, topk:RATIO")
     p.add_argument("--accumulate", type=positive_int, default=d.accumulate, help="micro-batches per step")
+    p.add_argument("--nonfinite", choices=("abort", "skip"), default=d.nonfinite, help="NaN/Inf gradients")
+    p.add_argument("--check-replicas-every", type=nonneg_int, default=d.check_replicas_every,
+                   help="steps between replica digest checks (and every epoch end; 0: epoch ends only)")  # fmt: skip
+    p.add_argument("--check-collectives", action="store_true", help="ranks agree on every collective call first")
+    p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds before a stuck job is aborted")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="write checkpoints here")
+    p.add_argument("--checkpoint-every", type=nonneg_int, default=d.checkpoint_every,
+                   help="steps between checkpoints (and every epoch end)")  # fmt: skip
+    p.add_argument("--keep", type=positive_int, default=d.keep, help="checkpoints kept (default %(default)s)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue from the newest valid checkpoint in PATH (default: --checkpoint-dir)")  # fmt: skip
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in all")
     p.add_argument("--threads", type=positive_int, default=None, help="BLAS threads per rank (default cores/ranks)")
     p.add_argument("--metrics", default=None, metavar="FILE.jsonl", help="one JSON line per epoch")
     p.add_argument("--save", default=None, metavar="FILE.npz", help="write the final parameters")
@@ -160,9 +172,16 @@ def _run_bench(args: argparse.Namespace, comm: Communicator) -> None:
 
 def _run_train(args: argparse.Namespace, comm: Communicator) -> None:
     count = threads.limit_threads(comm.comm, args.threads)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "threads")}
+    if args.resume == "":
+        if not args.checkpoint_dir:
+            raise UsageError("python -m mpitrain train: error: --resume needs a PATH or --checkpoint-dir")
+        args.resume = args.checkpoint_dir
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "threads", "timeout", "check_collectives")}
+    # Which process is which rank, so a launcher's "process PID ... killed" names a rank.
+    places = comm.allgather_object(f"{MPI.Get_processor_name()}:{os.getpid()}")
     if comm.rank == 0:
         print(f"# mpitrain: {comm.size} rank(s), {count} BLAS thread(s) per rank", flush=True)
+        print("# ranks (host:pid): " + " ".join(f"{r}={place}" for r, place in enumerate(places)), flush=True)
     train(TrainConfig(**options), comm)
 
 
@@ -217,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = MPI.COMM_WORLD.Get_rank()
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
-        COMMANDS[args.command][1](args, Communicator())
+        checked, timeout = getattr(args, "check_collectives", True), getattr(args, "timeout", None)
+        COMMANDS[args.command][1](args, Communicator(checked=checked, timeout=timeout))
     except UsageError as exc:
         if rank == 0:
             print(exc, file=sys.stderr)

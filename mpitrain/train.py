@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 from tqdm import tqdm
 
-from mpitrain import backend
+from mpitrain import backend, checkpoint, faults
 from mpitrain.checkpoint import atomic_save_npz
 from mpitrain.comm import Communicator
 from mpitrain.data import Dataset, ShardedBatches, eval_shard, load_dataset
@@ -51,6 +51,13 @@ class TrainConfig:
     overlap: bool = True
     compression: str = "none"
     accumulate: int = 1
+    nonfinite: str = "abort"
+    check_replicas_every: int = 100
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    keep: int = 3
+    resume: str | None = None
+    max_steps: int | None = None
     metrics: str | None = None
     save: str | None = None
     progress: bool = True
@@ -124,9 +131,11 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
             overlap=config.overlap,
             compression=config.compression,
             accumulate=config.accumulate,
+            nonfinite=config.nonfinite,
         )
     dp.broadcast_parameters()
     leader = comm.rank == 0
+    position = _restore(config, comm, dp, batches) if config.resume else Position()
     if leader:
         print(
             f"# {config.model} on {data.name}: {model.num_parameters()} parameters, {len(data.x_train)} train / "
@@ -139,24 +148,41 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
     x_batch = np.empty((config.batch_size, *data.sample_shape), dtype)
     y_batch = np.empty(config.batch_size, data.y_train.dtype)
     history = []
-    for epoch in range(config.epochs):
+    for epoch in range(position.epoch, config.epochs):
         start = MPI.Wtime()
-        totals = np.zeros(3)  # loss sum, correct, count
+        first = position.step_in_epoch if epoch == position.epoch else 0
+        totals = position.totals if epoch == position.epoch else np.zeros(3)  # loss sum, correct, count
         bar = tqdm(
             total=batches.steps_per_epoch,
+            initial=first,
             desc=f"epoch {epoch + 1}/{config.epochs}",
             disable=not (leader and config.progress),
             leave=False,
             file=sys.stderr,
         )
-        for idx in batches.batches(epoch):
-            np.take(x_train, idx, axis=0, out=x_batch)
-            np.take(data.y_train, idx, out=y_batch)
-            x, y = backend.to_device(x_batch, xp), backend.to_device(y_batch, xp)
-            loss, correct = dp.train_step(x, y)
+        step_in_epoch = first - 1
+        for step_in_epoch, idx in enumerate(batches.batches(epoch, first), start=first):
+            position.global_step += 1
+            with comm.watch(f"training step {position.global_step}"):
+                np.take(x_train, idx, axis=0, out=x_batch)
+                np.take(data.y_train, idx, out=y_batch)
+                faults.before_step(comm.rank, position.global_step, x_batch)
+                loss, correct = dp.train_step(backend.to_device(x_batch, xp), backend.to_device(y_batch, xp))
             totals += (loss * len(idx), correct, len(idx))
             bar.update()
+            if config.check_replicas_every and position.global_step % config.check_replicas_every == 0:
+                dp.check_replicas()
+            if (
+                config.checkpoint_dir
+                and config.checkpoint_every
+                and position.global_step % config.checkpoint_every == 0
+            ):
+                _save(config, comm, dp, Position(epoch, step_in_epoch + 1, position.global_step, totals))
+            if config.max_steps is not None and position.global_step >= config.max_steps:
+                break
         bar.close()
+        if step_in_epoch + 1 < batches.steps_per_epoch:
+            break  # stopped by max_steps inside the epoch: no evaluation of a partial epoch
         train_time = MPI.Wtime() - start
         comm.allreduce(totals, op="sum")
         dp.check_replicas()
@@ -170,10 +196,15 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
             "samples_per_s": totals[2] / comm.comm.allreduce(train_time, op=MPI.MAX),
             "time_s": comm.comm.allreduce(MPI.Wtime() - start, op=MPI.MAX),
             "lr": optimizer.lr,
+            "skipped_steps": dp.skipped_steps,
         }
         history.append(record)
         if leader:
             _report(record, metrics_file)
+        if config.checkpoint_dir:
+            _save(config, comm, dp, Position(epoch + 1, 0, position.global_step, np.zeros(3)))
+        if config.max_steps is not None and position.global_step >= config.max_steps:
+            break
     if metrics_file is not None:
         metrics_file.close()
     if leader and config.save:
@@ -182,11 +213,94 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
     return TrainResult(model, history)
 
 
+@dataclass
+class Position:
+    """Where a run is: the epoch, the next step inside it, steps done in all, this rank's epoch totals."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    totals: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+
+def _identity(config: TrainConfig, model: Module) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by this run."""
+    return {
+        "model": config.model,
+        "hidden": list(config.hidden),
+        "dataset": config.dataset,
+        "dtype": config.dtype,
+        "optimizer": config.optimizer,
+        "compression": config.compression,
+        "parameters": model.num_parameters(),
+    }
+
+
+def _save(config: TrainConfig, comm: Communicator, dp: DataParallel, position: Position) -> None:
+    """Rank 0 writes a checkpoint of the whole training state (collective: gathers every rank's totals)."""
+    totals = np.array(comm.allgather_object(position.totals.tolist()))
+    residual = getattr(dp.compressor, "residual", None)  # top-k error feedback: different on every rank
+    residuals = None if residual is None else comm.comm.gather(residual, root=0)
+    with comm.agreement():
+        if comm.rank != 0:
+            return
+        arrays = {"params": backend.to_host(dp.model.flat_params), "totals": totals}
+        state = dp.optimizer.state_dict()
+        arrays.update({f"opt/{k}": backend.to_host(v) for k, v in state.items() if k != "steps"})
+        if residuals is not None:
+            arrays["residual"] = np.stack(residuals)
+        meta = {
+            "epoch": position.epoch,
+            "step_in_epoch": position.step_in_epoch,
+            "global_step": position.global_step,
+            "world_size": comm.size,
+            "batch_size": config.batch_size,
+            "optimizer_steps": int(state["steps"]),
+            "skipped_steps": dp.skipped_steps,
+            "identity": _identity(config, dp.model),
+        }
+        checkpoint.save(config.checkpoint_dir, position.global_step, arrays, meta, config.keep)
+
+
+def _restore(config: TrainConfig, comm: Communicator, dp: DataParallel, batches: ShardedBatches) -> Position:
+    """Load the newest valid checkpoint on rank 0, check it fits this run, and give every rank its state."""
+    found = None
+    with comm.agreement():
+        if comm.rank == 0:
+            arrays, meta, path, skipped = checkpoint.load_newest(config.resume)
+            wanted = _identity(config, dp.model)
+            for key, value in wanted.items():
+                if meta["identity"].get(key) != value:
+                    raise ValueError(
+                        f"{path} was written by a run with {key}={meta['identity'].get(key)!r}; "
+                        f"this run has {key}={value!r}"
+                    )
+            found = (arrays, meta, path, skipped)
+    arrays, meta, path, skipped = comm.comm.bcast(found, root=0)
+    dp.model.flat_params[...] = backend.to_device(arrays["params"], dp.model.xp)
+    state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
+    dp.optimizer.load_state_dict({**state, "steps": meta["optimizer_steps"]})
+    dp.skipped_steps = meta["skipped_steps"]
+    position = Position(meta["epoch"], meta["step_in_epoch"], meta["global_step"])
+    if meta["world_size"] == comm.size and meta["batch_size"] == config.batch_size:
+        position.totals = arrays["totals"][comm.rank].copy()
+        if "residual" in arrays:
+            dp.compressor.residual[...] = arrays["residual"][comm.rank]
+    else:  # another world: the data order changes; go on from the same share of the epoch
+        consumed = meta["step_in_epoch"] * meta["batch_size"] * meta["world_size"]
+        position.step_in_epoch = min(consumed // (config.batch_size * comm.size), batches.steps_per_epoch)
+    if comm.rank == 0:
+        for problem in skipped:
+            print(f"# skipped a damaged checkpoint: {problem}", file=sys.stderr, flush=True)
+        print(f"# resuming from {path}: epoch {position.epoch + 1}, step {position.global_step}", flush=True)
+    return position
+
+
 def _open_outputs(config: TrainConfig) -> Any:
     """Check the save folder exists and open the metrics file (rank 0), before any training."""
     if config.save and not os.path.isdir(os.path.dirname(os.path.abspath(config.save))):
         raise FileNotFoundError(f"--save {config.save}: the folder does not exist")
-    return open(config.metrics, "w") if config.metrics else None
+    return open(config.metrics, "a" if config.resume else "w") if config.metrics else None
 
 
 def _report(record: dict[str, Any], metrics_file: Any) -> None:

@@ -49,12 +49,13 @@ def comm() -> Communicator:
     return Communicator()
 
 
-def run_mpitrain(ranks: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run ``python -m mpitrain`` under a fresh mpiexec; returns the finished process."""
+def run_mpitrain(
+    ranks: int, *args: str, timeout: float = 240, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m mpitrain`` under a fresh mpiexec, with ``extra_env`` added; returns the finished process."""
     command = mpiexec_command(ranks, sys.executable, "-m", "mpitrain", *args)
-    return subprocess.run(
-        command, capture_output=True, text=True, env=child_environment(timeout), timeout=timeout + 10, check=False
-    )
+    environment = child_environment(timeout) | (extra_env or {})
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout + 10, check=False)
 
 
 def rank_data(n: int, dtype: np.dtype, rank: int, seed: int = 0) -> np.ndarray:

@@ -29,6 +29,7 @@ from mpitrain.comm.checks import (
 )
 from mpitrain.comm.shm import SharedBuffers
 from mpitrain.comm.tuning import Tuning
+from mpitrain.comm.watchdog import Watchdog
 
 UFUNCS = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
 NATIVE_OPS = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -92,6 +93,13 @@ class Communicator:
         node_size: treat each run of this many consecutive ranks as one node
             instead of asking MPI which ranks share memory (to exercise the
             hierarchical path on one machine).
+        timeout: seconds a collective (or a region under ``watch``) may take
+            before a watchdog prints what this rank waits in and aborts the
+            whole job (``watchdog.EXIT_TIMEOUT``); None: no watchdog.
+
+    Every collective has a sequence number (``sequence``), part of its
+    fingerprint in checked mode, so ranks that call collectives in a
+    different order get an error naming both calls.
     """
 
     def __init__(
@@ -100,14 +108,26 @@ class Communicator:
         checked: bool = True,
         tuning: Tuning | None = None,
         node_size: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.comm = (MPI.COMM_WORLD if comm is None else comm).Dup()
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.checked = checked
         self.tuning = Tuning.from_env() if tuning is None else tuning
+        self.sequence = 0
         self._scratch: dict[np.dtype, np.ndarray] = {}
         self.shared = self._shared_buffers(node_size)
+        counters = self._progress_counters()  # allocated on every rank, whatever its timeout: it is collective
+        self.watchdog = None if timeout is None else Watchdog(self.rank, timeout, *counters)
+
+    def _progress_counters(self) -> tuple[np.ndarray | None, list[tuple[int, np.ndarray]]]:
+        """This rank's node-shared "last collective entered" counter and its node peers' (global rank, counter)."""
+        if self.shared is None:
+            return None, []
+        counter = self.shared.allocate(1, np.int64)
+        members = self.shared.node.allgather(self.rank)
+        return counter, list(zip(members, self.shared.windows[-1].peers, strict=True))
 
     def _shared_buffers(self, node_size: int | None) -> SharedBuffers | None:
         if node_size is None:
@@ -172,8 +192,12 @@ class Communicator:
         problem = problem or op_problem(op, buf.dtype) or _shm_problem(algorithm, shared, buf)
         problem = problem or _bf16_problem(algorithm, buf.dtype)
         self._check("allreduce", buf, problem, op=op, algorithm=algorithm, shared=shared and shared[1])
-        if self.size == 1 or flat.size == 0:
-            return buf
+        if self.size > 1 and flat.size:
+            with self._watched("allreduce", flat):
+                self._allreduce(flat, op, algorithm, shared)
+        return buf
+
+    def _allreduce(self, flat: np.ndarray, op: str, algorithm: str, shared: Any) -> None:
         if algorithm == "auto":
             algorithm = self._auto_allreduce(flat, shared is not None)
         reduce, finish = reducer(op, flat.dtype), finisher(op, flat.dtype, self.size)
@@ -191,7 +215,6 @@ class Communicator:
             self.shared.allreduce(window, offset, flat.size, reduce, finish, self._segment_elems(flat), scratch)
         else:
             ring.allreduce(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype), finish)
-        return buf
 
     def reduce_scatter(self, buf: np.ndarray, op: str = "sum", algorithm: str = "auto") -> tuple[int, int]:
         """Reduce ``buf`` over all ranks so that this rank's chunk holds the result; return its (start, stop).
@@ -207,20 +230,24 @@ class Communicator:
         flat = buf.reshape(-1)
         start, stop = self.chunk_bounds(flat.size)[self.rank]
         if self.size > 1 and flat.size:
-            if algorithm == "native":
-                # Out of place: MPICH 5.0.2's in-place Reduce_scatter fails an overlap
-                # assertion at 4 ranks and uneven chunks of a few hundred KiB.
-                counts = [b - a for a, b in self.chunk_bounds(flat.size)]
-                result = np.empty(stop - start, flat.dtype)
-                self.comm.Reduce_scatter(flat, result, counts, op=NATIVE_OPS[op])
-                flat[start:stop] = result
-            else:
-                reduce = reducer(op, flat.dtype)
-                ring.reduce_scatter(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype))
+            with self._watched("reduce_scatter", flat):
+                self._reduce_scatter(flat, op, algorithm, start, stop)
         finish = finisher(op, flat.dtype, self.size)
         if finish is not None:
             finish(flat[start:stop])
         return start, stop
+
+    def _reduce_scatter(self, flat: np.ndarray, op: str, algorithm: str, start: int, stop: int) -> None:
+        if algorithm == "native":
+            # Out of place: MPICH 5.0.2's in-place Reduce_scatter fails an overlap
+            # assertion at 4 ranks and uneven chunks of a few hundred KiB.
+            counts = [b - a for a, b in self.chunk_bounds(flat.size)]
+            result = np.empty(stop - start, flat.dtype)
+            self.comm.Reduce_scatter(flat, result, counts, op=NATIVE_OPS[op])
+            flat[start:stop] = result
+        else:
+            reduce = reducer(op, flat.dtype)
+            ring.reduce_scatter(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype))
 
     def allgather(self, buf: np.ndarray, algorithm: str = "auto") -> np.ndarray:
         """Fill every rank's ``buf`` with chunk r taken from rank r, in place; return ``buf``.
@@ -232,14 +259,14 @@ class Communicator:
         problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, SCATTER_GATHER_ALGORITHMS)
         self._check("allgather", buf, problem, algorithm=algorithm)
         flat = buf.reshape(-1)
-        if self.size == 1 or flat.size == 0:
-            return buf
-        if algorithm == "native":
-            bounds = self.chunk_bounds(flat.size)
-            counts, displs = [b - a for a, b in bounds], [a for a, _ in bounds]
-            self.comm.Allgatherv(MPI.IN_PLACE, [flat, (counts, displs)])
-        else:
-            ring.allgather(self.comm, flat, self._segment_elems(flat))
+        if self.size > 1 and flat.size:
+            with self._watched("allgather", flat):
+                if algorithm == "native":
+                    bounds = self.chunk_bounds(flat.size)
+                    counts, displs = [b - a for a, b in bounds], [a for a, _ in bounds]
+                    self.comm.Allgatherv(MPI.IN_PLACE, [flat, (counts, displs)])
+                else:
+                    ring.allgather(self.comm, flat, self._segment_elems(flat))
         return buf
 
     def broadcast(self, buf: np.ndarray, root: int = 0, algorithm: str = "auto") -> np.ndarray:
@@ -262,8 +289,12 @@ class Communicator:
         problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, BROADCAST_ALGORITHMS)
         problem = problem or root_problem(root, self.size) or _shm_problem(algorithm, shared, buf)
         self._check("broadcast", buf, problem, root=root, algorithm=algorithm, shared=shared and shared[1])
-        if self.size == 1 or flat.size == 0:
-            return buf
+        if self.size > 1 and flat.size:
+            with self._watched("broadcast", flat):
+                self._broadcast(flat, root, algorithm, shared)
+        return buf
+
+    def _broadcast(self, flat: np.ndarray, root: int, algorithm: str, shared: Any) -> None:
         if algorithm == "auto":
             algorithm = self._auto_broadcast(flat, shared is not None)
         if algorithm == "shm":
@@ -275,15 +306,16 @@ class Communicator:
             tree.scatter_allgather(self.comm, flat, root, self._segment_elems(flat))
         else:
             tree.broadcast(self.comm, flat, root)
-        return buf
 
     def allgather_object(self, obj: Any) -> list[Any]:
         """Gather a small picklable object from every rank, on every rank (control messages only)."""
-        return self.comm.allgather(obj)
+        with self.watch("allgather_object"):
+            return self.comm.allgather(obj)
 
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank if any rank passes an error (see ``checks.agree_on_error``)."""
-        agree_on_error(self.comm, error)
+        with self.watch("agreement on errors"):
+            agree_on_error(self.comm, error)
 
     @contextlib.contextmanager
     def agreement(self) -> Iterator[None]:
@@ -325,14 +357,26 @@ class Communicator:
         return self.shared.find(flat) if self.shared is not None else None
 
     def _check(self, name: str, buf: Any, problem: Problem | None, **params: Any) -> None:
+        self.sequence += 1
         if not self.checked:
             if problem is not None:
                 raise ERROR_TYPES[problem[0]](f"{name}: {problem[1]}")
             return
-        fingerprint = dict(params)
+        fingerprint = {"seq": self.sequence, "collective": name, **params}
         if problem is None:
             fingerprint.update(length=buf.size, dtype=str(buf.dtype))
-        agree_on_call(self.comm, name, fingerprint, problem)
+        with self.watch(f"checking {name} #{self.sequence}", self.sequence):
+            agree_on_call(self.comm, name, fingerprint, problem)
+
+    def watch(self, what: str, sequence: int | None = None) -> contextlib.AbstractContextManager[None]:
+        """A context that the watchdog (if ``timeout`` was given) aborts the job from when it overruns."""
+        if self.watchdog is None:
+            return contextlib.nullcontext()
+        return self.watchdog.watch(what, sequence)
+
+    def _watched(self, name: str, flat: Any) -> contextlib.AbstractContextManager[None]:
+        shape = f"{name} #{self.sequence} ({flat.size} x {flat.dtype})"
+        return self.watch(shape, self.sequence)
 
     def _segment_elems(self, flat: np.ndarray) -> int:
         return max(1, self.segment // flat.dtype.itemsize)

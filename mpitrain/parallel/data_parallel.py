@@ -12,6 +12,7 @@ reduced the same way, so the results are bit-identical.
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import threading
 import time
@@ -26,6 +27,7 @@ from mpitrain.optim import Optimizer
 
 DEFAULT_BUCKET_BYTES = 1 << 20
 PHASES = ("forward", "backward", "allreduce_wait", "optimizer")
+NONFINITE = ("abort", "skip")
 
 
 def plan_buckets(model: Module, bucket_bytes: int) -> list[tuple[int, int]]:
@@ -92,6 +94,11 @@ class DataParallel:
             Sequential model; other models reduce after backward).
         compression: "none", "fp16", "bf16" or "topk:RATIO" (see ``comm.compress``).
         accumulate: micro-batches per step, summed locally before one all-reduce.
+        nonfinite: what a NaN/Inf in the averaged gradients does: "abort"
+            (raise on every rank, naming the step and the ranks whose local
+            gradients were non-finite) or "skip" (no update on any rank,
+            counted in ``skipped_steps``). Checked through sums, one pass
+            over the buffer before and one after the all-reduce.
 
     Attributes:
         timings: seconds spent per phase (forward, backward, allreduce_wait,
@@ -108,6 +115,7 @@ class DataParallel:
         overlap: bool = True,
         compression: str = "none",
         accumulate: int = 1,
+        nonfinite: str = "abort",
     ) -> None:
         if optimizer.params is not model.flat_params or optimizer.grads is not model.flat_grads:
             raise ValueError("the optimizer must update the model's own flat_params and flat_grads")
@@ -116,7 +124,11 @@ class DataParallel:
         if accumulate < 1:
             raise ValueError(f"accumulate must be at least 1, got {accumulate}")
         self.model, self.optimizer, self.comm, self.algorithm = model, optimizer, comm, algorithm
-        self.accumulate = accumulate
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"unknown nonfinite policy {nonfinite!r}; expected one of {', '.join(NONFINITE)}")
+        self.accumulate, self.nonfinite = accumulate, nonfinite
+        self.skipped_steps = 0
+        self._local_finite = True
         self.loss_fn = SoftmaxCrossEntropy()
         self.compressor = build_compressor(compression, comm, model.flat_grads.size)
         self.buckets = plan_buckets(model, bucket_bytes)
@@ -133,7 +145,10 @@ class DataParallel:
         return [sum(sizes[i:]) for i in range(len(sizes))]
 
     def _reduce_bucket(self, start: int, stop: int) -> None:
-        self.compressor.reduce_mean(self.comm, self.model.flat_grads, start, stop, self.algorithm)
+        grads = self.model.flat_grads
+        # A sum is NaN/Inf when any term is (it overflows only near the float's maximum).
+        self._local_finite = self._local_finite and math.isfinite(float(grads[start:stop].sum()))
+        self.compressor.reduce_mean(self.comm, grads, start, stop, self.algorithm)
 
     def _submit_ready(self, layer: int) -> None:
         ready = self._ready[layer]
@@ -155,6 +170,7 @@ class DataParallel:
         if len(y) < self.accumulate:
             raise ValueError(f"a batch of {len(y)} cannot be cut into {self.accumulate} micro-batches")
         model, clock = self.model, time.perf_counter
+        self._local_finite = True
         model.train()
         model.zero_grad()
         loss, correct, forward, backward = 0.0, 0, 0.0, 0.0
@@ -190,9 +206,26 @@ class DataParallel:
             for bucket in self.buckets:
                 self._reduce_bucket(*bucket)
         t3 = clock()
-        self.optimizer.step()
+        if math.isfinite(float(model.flat_grads.sum())):  # the same verdict on every rank
+            self.optimizer.step()
+        else:
+            self._nonfinite()
         self._record(forward, backward, t3 - t2, clock() - t3)
         return loss, correct
+
+    def _nonfinite(self) -> None:
+        step = self.steps + 1
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            return
+        local = self.comm.allgather_object(self._local_finite)
+        culprits = [rank for rank, ok in enumerate(local) if not ok]
+        raise mark_all_ranks(
+            FloatingPointError(
+                f"step {step}: non-finite gradients after the all-reduce; local gradients were non-finite on "
+                f"ranks {culprits} (use --nonfinite skip to skip such steps)"
+            )
+        )
 
     def _record(self, *seconds: float) -> None:
         for phase, value in zip(PHASES, seconds, strict=True):

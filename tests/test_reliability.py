@@ -1,0 +1,151 @@
+"""Exact resume, non-finite guard, watchdog, call-order fingerprints, and faults injected into real jobs."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpitrain import checkpoint, faults
+from mpitrain.comm import Communicator, raised_on_all_ranks
+from mpitrain.comm.watchdog import EXIT_TIMEOUT, Watchdog
+from mpitrain.train import TrainConfig, train
+from tests.conftest import WORLD, run_mpitrain
+
+
+def shared_folder(tmp_path) -> str:
+    """Rank 0's tmp folder, the same path on every rank."""
+    return WORLD.bcast(str(tmp_path), root=0)
+
+
+def config(folder: str, **options) -> TrainConfig:
+    base = {"epochs": 2, "progress": False, "hidden": (32,), "batch_size": 16, "checkpoint_dir": folder}
+    return TrainConfig(**{**base, **options})
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"optimizer": "adamw", "lr": 0.003, "schedule": "cosine", "warmup_steps": 5, "compression": "topk:0.2"}],
+)
+def test_resume_mid_epoch_is_bit_identical(comm: Communicator, tmp_path, options: dict) -> None:
+    folder = shared_folder(tmp_path)
+    whole = train(config(None, **options), comm)
+    stopped = train(config(folder, checkpoint_every=5, max_steps=13, **options), comm)  # killed after step 13
+    resumed = train(config(folder, resume=folder, **options), comm)
+    assert stopped.history == []
+    assert resumed.model.flat_params.tobytes() == whole.model.flat_params.tobytes()
+    assert resumed.history[-1]["loss"] == whole.history[-1]["loss"]  # epoch metrics carried over exactly
+
+
+@pytest.mark.mpi
+def test_resume_refuses_another_model(comm: Communicator, tmp_path) -> None:
+    folder = shared_folder(tmp_path)
+    train(config(folder, epochs=1), comm)
+    with pytest.raises(ValueError) as info:
+        train(config(folder, resume=folder, hidden=(16,)), comm)
+    assert "this run has hidden=[16]" in str(info.value) and raised_on_all_ranks(info.value)
+
+
+@pytest.mark.mpi
+def test_resume_on_another_world_size_carries_parameters(comm: Communicator, tmp_path) -> None:
+    folder = shared_folder(tmp_path)
+    train(config(folder, checkpoint_every=7, max_steps=7), comm)
+    saved, meta = checkpoint.load(checkpoint.checkpoints(folder)[0])
+    if comm.rank == 0:  # one rank alone picks up what the whole world wrote
+        alone = train(config(folder, resume=folder, max_steps=8), Communicator(MPI.COMM_SELF)).model
+        assert meta["world_size"] == comm.size and alone.flat_params.shape == saved["params"].shape
+    WORLD.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("policy", ["abort", "skip"])
+def test_nonfinite_gradients(comm: Communicator, monkeypatch, policy: str) -> None:
+    culprit = comm.size - 1
+    monkeypatch.setenv(faults.VARIABLE, f"nan:{culprit}:3")
+    faults.planned.cache_clear()
+    try:
+        if policy == "abort":
+            with pytest.raises(FloatingPointError) as info:
+                train(config(None, nonfinite="abort"), comm)
+            assert "step 3: non-finite gradients" in str(info.value) and f"ranks [{culprit}]" in str(info.value)
+            assert raised_on_all_ranks(info.value)
+        else:
+            result = train(config(None, nonfinite="skip", epochs=1), comm)
+            assert result.history[-1]["skipped_steps"] == 1
+            assert np.isfinite(result.model.flat_params).all()
+    finally:
+        faults.planned.cache_clear()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_collectives_in_a_different_order_name_both_calls(comm: Communicator) -> None:
+    buf = np.zeros(8)
+    with pytest.raises(ValueError) as info:
+        if comm.rank == 0:
+            comm.broadcast(buf)
+        else:
+            comm.allreduce(buf)
+    message = str(info.value)
+    assert "ranks disagree" in message and "collective=broadcast" in message and "collective=allreduce" in message
+    assert f"seq={comm.sequence}" in message
+
+
+def test_watchdog_reports_what_it_waited_in_and_aborts() -> None:
+    codes: list[int] = []
+    counters = [np.zeros(1, np.int64) for _ in range(3)]
+    dog = Watchdog(0, 0.3, counters[0], list(enumerate(counters)), abort=codes.append)
+    counters[1][0] = 7  # rank 1 entered collective 7, rank 2 did not
+    with dog.watch("allreduce #7 (100 x float32)", 7):
+        deadline = time.monotonic() + 5
+        while not codes and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert codes == [EXIT_TIMEOUT]
+    assert "allreduce #7" in dog.fired and "have not entered it: [2]" in dog.fired
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        Watchdog(0, 0)
+
+
+def test_fault_variable_is_validated(monkeypatch) -> None:
+    monkeypatch.setenv(faults.VARIABLE, "explode:1:2")
+    faults.planned.cache_clear()
+    with pytest.raises(ValueError, match="ACTION:RANK:STEP"):
+        faults.planned()
+    faults.planned.cache_clear()
+
+
+def _faulty_run(tmp_path, fault: str, *extra: str):
+    args = ["--no-progress", "--epochs", "3", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "10", *extra]
+    start = time.monotonic()
+    done = run_mpitrain(3, *args, timeout=120, extra_env={faults.VARIABLE: fault})
+    return done, time.monotonic() - start
+
+
+@pytest.mark.parametrize(
+    "fault,message",
+    [
+        ("raise:1:25", r"\[rank 1\] unexpected error"),
+        ("kill:2:25", "KILLED"),
+        ("hang:1:25", r"\[rank 1\] watchdog: training step 25|have not entered it: \[1\]"),
+    ],
+)
+def test_injected_fault_ends_the_job_and_leaves_a_resumable_checkpoint(tmp_path, fault: str, message: str) -> None:
+    done, seconds = _faulty_run(tmp_path, fault, "--timeout", "3")
+    assert done.returncode != 0
+    assert seconds < 60, f"the job took {seconds:.0f} s to end"
+    if message == "KILLED":
+        # The launcher ends the job and reports a killed process; the run header maps pids to ranks.
+        assert re.search(r"[Kk]illed|KILLED|signal 9", done.stdout + done.stderr), done.stdout[-2000:]
+        assert re.search(r"# ranks \(host:pid\): 0=\S+:\d+ 1=\S+:\d+ 2=\S+:\d+", done.stdout)
+    else:  # whichever rank reports first, it names rank 1
+        assert re.search(message, done.stderr), done.stderr[-2000:]
+    saved = checkpoint.checkpoints(str(tmp_path))
+    # 15 steps/epoch at 3 ranks x 32: checkpoints at steps 10, 15 (epoch end) and 20, the fault before 25.
+    assert [os.path.basename(p) for p in saved] == ["ckpt-000000020.npz", "ckpt-000000015.npz", "ckpt-000000010.npz"]
+    resumed = run_mpitrain(3, "--no-progress", "--epochs", "3", "--checkpoint-dir", str(tmp_path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "epoch   3" in resumed.stdout
