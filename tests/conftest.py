@@ -8,8 +8,10 @@ do their collectives first and assert afterwards.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -19,6 +21,15 @@ from mpitrain.comm import Communicator
 from mpitrain.jobs import child_environment, mpiexec_command
 
 WORLD = MPI.COMM_WORLD
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One temporary folder per rank and job: ranks of one job must not prune each other's folders.
+    if config.option.basetemp is None:
+        job = WORLD.bcast(os.getpid(), root=0)
+        folder = os.path.join(tempfile.gettempdir(), f"mpitrain-tests-{job}")
+        os.makedirs(folder, exist_ok=True)
+        config.option.basetemp = os.path.join(folder, f"rank{WORLD.Get_rank()}")
 
 
 @pytest.hookimpl(wrapper=True)
