@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from mpitrain.cli import UsageError, parse
+from mpitrain.jobs import child_environment, mpiexec_command
 from tests.conftest import run_mpitrain
 
 
@@ -94,3 +98,11 @@ def test_training_benchmark_reports_throughput_and_breakdown(tmp_path) -> None:
         assert r["samples_per_s"] > 0 and r["threads"] == 1
         parts = sum(r[f"{k}_ms"] for k in ("forward", "backward", "allreduce_wait", "optimizer"))
         assert 0 < parts <= r["step_ms"] * 1.05
+
+
+def test_soak_script_samples_memory_and_checks_growth() -> None:
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "soak.py")
+    command = mpiexec_command(2, sys.executable, script, "--steps", "600", "--warmup", "200", "--every", "200")
+    done = subprocess.run(command, capture_output=True, text=True, env=child_environment(120), timeout=130, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "growth after warm-up (step 200 -> 600)" in done.stdout

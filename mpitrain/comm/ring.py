@@ -21,20 +21,22 @@ r-1. With p = 4 the chunk each rank SENDS at each step is:
 bandwidth-optimal. Each chunk is summed once, on one rank, along the ring and
 then copied, so every rank ends with bit-identical results.
 
-Every step is cut into segments: all segment sends of the step are posted at
-once, and while segment k is being added, segment k+1 is already arriving
-into the other half of a two-segment scratch buffer. The scratch is the only
+Every step is cut into segments: up to WINDOW segment sends are in flight
+at once, and while segment k is being added, segment k+1 is already
+arriving into the other half of a two-segment scratch buffer. The scratch is the only
 extra memory (2 segments) and is owned and reused by the caller.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from mpi4py import MPI
 
 TAG = 0x52  # messages of this module on the communicator's private duplicate
+WINDOW = 4  # segment messages in flight per direction
 
 Reducer = Callable[..., Any]
 
@@ -48,11 +50,34 @@ def _segments(length: int, segment: int) -> list[tuple[int, int]]:
     return [(a, min(a + segment, length)) for a in range(0, length, segment)]
 
 
-def _post_sends(comm: MPI.Comm, view: Any, dest: int, segment: int) -> list[MPI.Request]:
-    return [comm.Isend(view[a:b], dest=dest, tag=TAG) for a, b in _segments(len(view), segment)]
+class _Sends:
+    """Segment sends of one view, at most ``WINDOW`` in flight: bounded Python state however large the buffer."""
+
+    def __init__(self, comm: MPI.Comm, view: Any, dest: int, segment: int) -> None:
+        self.comm, self.view, self.dest = comm, view, dest
+        self.todo = _segments(len(view), segment)
+        self.next = 0
+        self.flying: deque[MPI.Request] = deque()
+        self.pump()
+
+    def pump(self) -> None:
+        """Retire finished sends from the front and post more, up to the window."""
+        while self.flying and self.flying[0].Test():
+            self.flying.popleft()
+        while len(self.flying) < WINDOW and self.next < len(self.todo):
+            a, b = self.todo[self.next]
+            self.flying.append(self.comm.Isend(self.view[a:b], dest=self.dest, tag=TAG))
+            self.next += 1
+
+    def finish(self) -> None:
+        """Post what is left and wait for every send."""
+        while self.next < len(self.todo) or self.flying:
+            if self.flying:
+                self.flying.popleft().Wait()
+            self.pump()
 
 
-def _recv_reduce(comm: MPI.Comm, view: Any, source: int, segment: int, scratch: Any, reduce: Reducer) -> None:
+def _recv_reduce(comm: MPI.Comm, view: Any, source: int, segment: int, scratch: Any, reduce: Reducer, sends: _Sends):
     """Receive ``view``'s length in segments and reduce each into ``view``, overlapping the next receive."""
     segs = _segments(len(view), segment)
     if not segs:
@@ -66,6 +91,7 @@ def _recv_reduce(comm: MPI.Comm, view: Any, source: int, segment: int, scratch: 
             pending = comm.Irecv(slots[(k + 1) % 2][: nb - na], source=source, tag=TAG)
         current.Wait()
         reduce(view[a:b], slots[k % 2][: b - a], out=view[a:b])
+        sends.pump()
 
 
 def reduce_scatter(comm: MPI.Comm, buf: Any, reduce: Reducer, segment: int, scratch: Any) -> tuple[int, int]:
@@ -81,9 +107,9 @@ def reduce_scatter(comm: MPI.Comm, buf: Any, reduce: Reducer, segment: int, scra
     for step in range(p - 1):
         s0, s1 = bounds[(r - step - 1) % p]
         r0, r1 = bounds[(r - step - 2) % p]
-        sends = _post_sends(comm, buf[s0:s1], right, segment)
-        _recv_reduce(comm, buf[r0:r1], left, segment, scratch, reduce)
-        MPI.Request.Waitall(sends)
+        sends = _Sends(comm, buf[s0:s1], right, segment)
+        _recv_reduce(comm, buf[r0:r1], left, segment, scratch, reduce, sends)
+        sends.finish()
     return bounds[r]
 
 
@@ -99,9 +125,17 @@ def allgather(comm: MPI.Comm, buf: Any, segment: int) -> None:
     for step in range(p - 1):
         s0, s1 = bounds[(r - step) % p]
         r0, r1 = bounds[(r - step - 1) % p]
-        recvs = [comm.Irecv(buf[r0 + a : r0 + b], source=left, tag=TAG) for a, b in _segments(r1 - r0, segment)]
-        sends = _post_sends(comm, buf[s0:s1], right, segment)
-        MPI.Request.Waitall(recvs + sends)
+        recvs: deque[MPI.Request] = deque()
+        sends = _Sends(comm, buf[s0:s1], right, segment)
+        for a, b in _segments(r1 - r0, segment):  # receives straight into buf, WINDOW in flight
+            if len(recvs) == WINDOW:
+                recvs.popleft().Wait()
+            recvs.append(comm.Irecv(buf[r0 + a : r0 + b], source=left, tag=TAG))
+            sends.pump()
+        while recvs:
+            recvs.popleft().Wait()
+            sends.pump()
+        sends.finish()
 
 
 def allreduce(
