@@ -16,8 +16,8 @@ from typing import Any
 
 from mpi4py import MPI
 
-from mpitrain import backend, threads
-from mpitrain.comm import Communicator, mark_all_ranks, raised_on_all_ranks
+from mpitrain import backend, faults, threads
+from mpitrain.comm import Communicator, Tuning, mark_all_ranks, raised_on_all_ranks
 from mpitrain.comm.communicator import ALLREDUCE_ALGORITHMS
 from mpitrain.nn import MODELS
 from mpitrain.optim import OPTIMIZERS, SCHEDULES
@@ -231,13 +231,22 @@ def parse(argv: Sequence[str], prog: str = "python -m mpitrain") -> argparse.Nam
     return args
 
 
+def _environment() -> Tuning:
+    """Read the MPITRAIN_* variables (the same on every rank); a bad one is a usage error."""
+    try:
+        faults.planned()
+        return Tuning.from_env()
+    except ValueError as exc:
+        raise UsageError(f"error in the environment: {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (the same on every rank for known errors)."""
     rank = MPI.COMM_WORLD.Get_rank()
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
         checked, timeout = getattr(args, "check_collectives", True), getattr(args, "timeout", None)
-        COMMANDS[args.command][1](args, Communicator(checked=checked, timeout=timeout))
+        COMMANDS[args.command][1](args, Communicator(checked=checked, tuning=_environment(), timeout=timeout))
     except UsageError as exc:
         if rank == 0:
             print(exc, file=sys.stderr)

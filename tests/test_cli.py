@@ -106,3 +106,16 @@ def test_soak_script_samples_memory_and_checks_growth() -> None:
     done = subprocess.run(command, capture_output=True, text=True, env=child_environment(120), timeout=130, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "growth after warm-up (step 200 -> 600)" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "variable,value,message",
+    [
+        ("MPITRAIN_SEGMENT_BYTES", "4k", "MPITRAIN_SEGMENT_BYTES='4k': expected an integer number of bytes"),
+        ("MPITRAIN_FAULT", "explode:1:2", "MPITRAIN_FAULT='explode:1:2': expected ACTION:RANK:STEP"),
+    ],
+)
+def test_bad_environment_variable_is_one_usage_error(variable: str, value: str, message: str) -> None:
+    done = run_mpitrain(2, "--epochs", "1", "--no-progress", extra_env={variable: value})
+    assert done.returncode == 2
+    assert done.stderr.count(message) == 1, done.stderr
