@@ -1,8 +1,10 @@
 """Optimizers that update a model's flat parameter buffer in place.
 
-Each ``step`` is a handful of vectorised operations over the whole flat
-buffer (no Python loop over parameters) and writes into preallocated scratch
-buffers, so a steady-state step allocates nothing large.
+Each ``step`` runs a handful of vectorised operations over the flat buffer
+(no Python loop over parameters), block by block: a block of every operand
+stays in cache while all the update's operations pass over it, instead of
+each operation streaming the whole buffer through memory. Scratch is one
+block per buffer, allocated once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from mpitrain.backend import array_module_of
 
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+BLOCK = 1 << 15  # elements per block: a few blocks of float32 operands fit in L2
 
 
 class LRSchedule:
@@ -79,7 +82,7 @@ class Optimizer:
         self.weight_decay = float(weight_decay)
         self.steps = 0
         self.xp = array_module_of(params)
-        self._scratch = self.xp.empty_like(params)
+        self._scratch = self.xp.empty(min(BLOCK, params.size), params.dtype)
 
     @property
     def lr(self) -> float:
@@ -88,19 +91,24 @@ class Optimizer:
 
     def step(self) -> None:
         """Apply one update from the current gradients."""
-        self._update(self.lr)
+        lr = self.lr
+        for start in range(0, self.params.size, BLOCK):
+            part = slice(start, min(start + BLOCK, self.params.size))
+            self._update(lr, part, part.stop - part.start)
         self.steps += 1
 
-    def _update(self, lr: float) -> None:
+    def _update(self, lr: float, part: slice, n: int) -> None:
+        """Update ``params[part]`` (``n`` elements); scratch buffers are used as ``scratch[:n]``."""
         raise NotImplementedError
 
-    def _decayed_grad(self) -> Any:
-        """grads + weight_decay * params, in the scratch buffer (or grads itself)."""
+    def _decayed_grad(self, part: slice, n: int) -> Any:
+        """grads + weight_decay * params over ``part``, in scratch (or a view of grads)."""
         if not self.weight_decay:
-            return self.grads
-        self.xp.multiply(self.params, self.weight_decay, out=self._scratch)
-        self._scratch += self.grads
-        return self._scratch
+            return self.grads[part]
+        d = self._scratch[:n]
+        self.xp.multiply(self.params[part], self.weight_decay, out=d)
+        d += self.grads[part]
+        return d
 
     def state_dict(self) -> dict[str, Any]:
         """Step count and state buffers, by name."""
@@ -133,22 +141,23 @@ class SGD(Optimizer):
             raise ValueError("Nesterov momentum needs momentum > 0")
         self.momentum, self.nesterov = float(momentum), nesterov
         self.buf = self.xp.zeros_like(params) if momentum else None
-        self._step_dir = self.xp.empty_like(params)
+        self._step_dir = self.xp.empty_like(self._scratch)
 
-    def _update(self, lr: float) -> None:
-        xp, d = self.xp, self._decayed_grad()
-        if self.buf is not None:
-            self.buf *= self.momentum
-            self.buf += d
-            if self.nesterov:
-                xp.multiply(self.buf, self.momentum, out=self._step_dir)
-                self._step_dir += d
-            else:
-                xp.copyto(self._step_dir, self.buf)
+    def _update(self, lr: float, part: slice, n: int) -> None:
+        xp, d, step = self.xp, self._decayed_grad(part, n), self._step_dir[:n]
+        if self.buf is None:
+            xp.multiply(d, lr, out=step)
         else:
-            xp.copyto(self._step_dir, d)
-        self._step_dir *= lr
-        self.params -= self._step_dir
+            buf = self.buf[part]
+            buf *= self.momentum
+            buf += d
+            if self.nesterov:
+                xp.multiply(buf, self.momentum, out=step)
+                step += d
+                step *= lr
+            else:
+                xp.multiply(buf, lr, out=step)
+        self.params[part] -= step
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -188,29 +197,29 @@ class Adam(Optimizer):
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
         self.m = self.xp.zeros_like(params)
         self.v = self.xp.zeros_like(params)
-        self._tmp = self.xp.empty_like(params)
+        self._tmp = self.xp.empty_like(self._scratch)
 
-    def _update(self, lr: float) -> None:
-        xp, tmp = self.xp, self._tmp
+    def _update(self, lr: float, part: slice, n: int) -> None:
+        xp, tmp, params, m, v = self.xp, self._tmp[:n], self.params[part], self.m[part], self.v[part]
         if self.decoupled:
-            self.params *= 1.0 - lr * self.weight_decay
-            d = self.grads
+            params *= 1.0 - lr * self.weight_decay
+            d = self.grads[part]
         else:
-            d = self._decayed_grad()
+            d = self._decayed_grad(part, n)
         t = self.steps + 1
-        self.m *= self.beta1
+        m *= self.beta1
         xp.multiply(d, 1.0 - self.beta1, out=tmp)
-        self.m += tmp
-        self.v *= self.beta2
+        m += tmp
+        v *= self.beta2
         xp.multiply(d, d, out=tmp)
         tmp *= 1.0 - self.beta2
-        self.v += tmp
-        xp.divide(self.v, 1.0 - self.beta2**t, out=tmp)
+        v += tmp
+        xp.divide(v, 1.0 - self.beta2**t, out=tmp)
         xp.sqrt(tmp, out=tmp)
         tmp += self.eps
-        xp.divide(self.m, tmp, out=tmp)
+        xp.divide(m, tmp, out=tmp)
         tmp *= lr / (1.0 - self.beta1**t)
-        self.params -= tmp
+        params -= tmp
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "exp_avg": self.m, "exp_avg_sq": self.v}

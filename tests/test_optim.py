@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mpitrain.optim import SGD, Adam, AdamW, LRSchedule, build_optimizer
+from mpitrain.optim import BLOCK, SGD, Adam, AdamW, LRSchedule, build_optimizer
 
 STEPS = 5
 
@@ -117,3 +117,21 @@ def test_bad_hyperparameters() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             bad()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_blocked_update_covers_every_element(name: str) -> None:
+    """Buffers of several blocks (and a partial last one) update exactly as one small buffer per element."""
+    n = 2 * BLOCK + 5
+
+    def factory(w, g):
+        return build_optimizer(name, w, g, 0.01, momentum=0.9 if name == "sgd" else 0.0, weight_decay=0.01)
+
+    big, start, grads = run(factory, n)
+    for i in (0, BLOCK - 1, BLOCK, 2 * BLOCK + 4):  # block edges and the tail
+        params, g = start[i : i + 1].copy(), np.zeros(1)
+        opt = factory(params, g)
+        for history in grads:
+            g[0] = history[i]
+            opt.step()
+        assert params[0] == big[i]
