@@ -105,6 +105,7 @@ def _train_parser(prog: str) -> _Parser:
     )
     p.add_argument("--model", choices=MODELS, default=d.model, help="model (default %(default)s)")
     p.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden sizes, e.g. 128,64")
+    p.add_argument("--dropout", type=_fraction, default=d.dropout, help="dropout after hidden layers (default 0)")
     p.add_argument("--dataset", default=d.dataset, help="digits (default), synthetic, or a Keras-layout .npz path")
     p.add_argument("--synthetic-samples", type=positive_int, default=d.synthetic_samples, help="size of synthetic")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="default %(default)s")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ from mpitrain import backend, checkpoint, faults
 from mpitrain.checkpoint import atomic_save_npz
 from mpitrain.comm import Communicator
 from mpitrain.data import Dataset, ShardedBatches, eval_shard, load_dataset
-from mpitrain.nn import Module, SoftmaxCrossEntropy, build_model
+from mpitrain.nn import Dropout, Module, SoftmaxCrossEntropy, build_model
 from mpitrain.optim import LRSchedule, build_optimizer
 from mpitrain.parallel import DataParallel
 from mpitrain.parallel.data_parallel import DEFAULT_BUCKET_BYTES
@@ -30,6 +30,7 @@ class TrainConfig:
 
     model: str = "mlp"
     hidden: tuple[int, ...] = ()
+    dropout: float = 0.0
     dataset: str = "digits"
     synthetic_samples: int = 4096
     epochs: int = 20
@@ -96,7 +97,14 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
     dtype = np.dtype(config.dtype)
     with comm.agreement():
         data = load_dataset(config.dataset, seed=config.seed, synthetic_samples=config.synthetic_samples)
-        model = build_model(config.model, data.sample_shape, data.num_classes, config.hidden)
+        model = build_model(
+            config.model,
+            data.sample_shape,
+            data.num_classes,
+            config.hidden,
+            dropout=config.dropout,
+            dropout_seed=int(np.random.SeedSequence([config.seed, comm.rank]).generate_state(1)[0]),
+        )
         batches = ShardedBatches(len(data.x_train), config.batch_size, comm.rank, comm.size, config.seed)
         schedule = LRSchedule(
             config.lr,
@@ -223,11 +231,16 @@ class Position:
     totals: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
 
+def _dropouts(model: Module) -> list[Dropout]:
+    return [m for m in model.modules() if isinstance(m, Dropout)]
+
+
 def _identity(config: TrainConfig, model: Module) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run."""
     return {
         "model": config.model,
         "hidden": list(config.hidden),
+        "dropout": config.dropout,
         "dataset": config.dataset,
         "dtype": config.dtype,
         "optimizer": config.optimizer,
@@ -239,6 +252,7 @@ def _identity(config: TrainConfig, model: Module) -> dict[str, Any]:
 def _save(config: TrainConfig, comm: Communicator, dp: DataParallel, position: Position) -> None:
     """Rank 0 writes a checkpoint of the whole training state (collective: gathers every rank's totals)."""
     totals = np.array(comm.allgather_object(position.totals.tolist()))
+    rng_states = comm.comm.gather([m.rng.bit_generator.state for m in _dropouts(dp.model)], root=0)
     residual = getattr(dp.compressor, "residual", None)  # top-k error feedback: different on every rank
     residuals = None if residual is None else comm.comm.gather(residual, root=0)
     with comm.agreement():
@@ -258,6 +272,8 @@ def _save(config: TrainConfig, comm: Communicator, dp: DataParallel, position: P
             "optimizer_steps": int(state["steps"]),
             "skipped_steps": dp.skipped_steps,
             "identity": _identity(config, dp.model),
+            "config": asdict(config),
+            "dropout_rng": rng_states,
         }
         checkpoint.save(config.checkpoint_dir, position.global_step, arrays, meta, config.keep)
 
@@ -286,6 +302,8 @@ def _restore(config: TrainConfig, comm: Communicator, dp: DataParallel, batches:
         position.totals = arrays["totals"][comm.rank].copy()
         if "residual" in arrays:
             dp.compressor.residual[...] = arrays["residual"][comm.rank]
+        for layer, state in zip(_dropouts(dp.model), meta["dropout_rng"][comm.rank], strict=True):
+            layer.rng.bit_generator.state = state
     else:  # another world: the data order changes; go on from the same share of the epoch
         consumed = meta["step_in_epoch"] * meta["batch_size"] * meta["world_size"]
         position.step_in_epoch = min(consumed // (config.batch_size * comm.size), batches.steps_per_epoch)

@@ -30,7 +30,11 @@ def config(folder: str, **options) -> TrainConfig:
 @pytest.mark.mpi
 @pytest.mark.parametrize(
     "options",
-    [{}, {"optimizer": "adamw", "lr": 0.003, "schedule": "cosine", "warmup_steps": 5, "compression": "topk:0.2"}],
+    [
+        {},
+        {"optimizer": "adamw", "lr": 0.003, "schedule": "cosine", "warmup_steps": 5, "compression": "topk:0.2"},
+        {"dropout": 0.3},  # the masks' random streams are part of the checkpoint
+    ],
 )
 def test_resume_mid_epoch_is_bit_identical(comm: Communicator, tmp_path, options: dict) -> None:
     folder = shared_folder(tmp_path)
@@ -98,7 +102,7 @@ def test_collectives_in_a_different_order_name_both_calls(comm: Communicator) ->
 def test_watchdog_reports_what_it_waited_in_and_aborts() -> None:
     codes: list[int] = []
     counters = [np.zeros(1, np.int64) for _ in range(3)]
-    dog = Watchdog(0, 0.3, counters[0], list(enumerate(counters)), abort=codes.append)
+    dog = Watchdog(0, 0.3, counters[0], list(enumerate(counters)), abort=codes.append, grace=0)
     counters[1][0] = 7  # rank 1 entered collective 7, rank 2 did not
     with dog.watch("allreduce #7 (100 x float32)", 7):
         deadline = time.monotonic() + 5

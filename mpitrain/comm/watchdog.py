@@ -32,6 +32,7 @@ class Watchdog:
         entered: this rank's node-shared counter of the collectives it has entered,
             and ``peers``: every node-local rank's counter with its global rank.
         abort: what ends the job (default ``MPI.COMM_WORLD.Abort``); tests replace it.
+        grace: seconds between printing the message and aborting.
     """
 
     def __init__(
@@ -41,12 +42,13 @@ class Watchdog:
         entered: np.ndarray | None = None,
         peers: list[tuple[int, np.ndarray]] | None = None,
         abort: Callable[[int], None] | None = None,
+        grace: float = 1.0,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.rank, self.timeout = rank, float(timeout)
         self.entered, self.peers = entered, peers or []
-        self.abort = abort or MPI.COMM_WORLD.Abort
+        self.abort, self.grace = abort or MPI.COMM_WORLD.Abort, grace
         self._active: dict[int, tuple[str, int | None, float]] = {}
         self._tokens = itertools.count()
         self._lock = threading.Lock()
@@ -85,4 +87,6 @@ class Watchdog:
             message += f"; ranks on this node that have not entered it: {behind if behind else 'none'}"
         self.fired = message
         print(message + f" (timeout {self.timeout:g} s); aborting the job", file=sys.stderr, flush=True)
+        # The launcher forwards output asynchronously; an immediate abort can lose the message.
+        time.sleep(self.grace)
         self.abort(EXIT_TIMEOUT)

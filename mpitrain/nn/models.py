@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mpitrain.nn.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU
+from mpitrain.nn.layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from mpitrain.nn.module import Sequential
 
 MODELS = ("mlp", "cnn")
 
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = ()) -> Sequential:
+def build_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    hidden: Sequence[int] = (),
+    dropout: float = 0.0,
+    dropout_seed: int = 0,
+) -> Sequential:
     """Build an uninitialised model (call ``init_params`` next).
 
     Args:
@@ -21,6 +28,9 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, hidden:
         num_classes: number of outputs.
         hidden: sizes of the hidden dense layers; empty means the default
             (128, 64) for mlp and (64,) for cnn.
+        dropout: probability of a Dropout after each hidden dense layer (0: none).
+        dropout_seed: seed of the first Dropout's masks (the next ones use +1, +2, ...);
+            give every rank its own for independent masks.
 
     Raises:
         ValueError: unknown name, non-positive sizes, or a cnn on input that is
@@ -53,8 +63,10 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, hidden:
             Flatten(),
         ]
         width = 32 * (height // 4) * (width_px // 4)
-    for size in hidden:
+    for index, size in enumerate(hidden):
         layers += [Linear(width, size), ReLU()]
+        if dropout:
+            layers.append(Dropout(dropout, seed=dropout_seed + index))
         width = size
     layers.append(Linear(width, num_classes, init="glorot"))
     return Sequential(*layers)
