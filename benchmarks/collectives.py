@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from mpi4py import MPI
 
 from mpitrain import threads
 from mpitrain.comm import Communicator
+from mpitrain.jobs import init_gloo
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 GLOO_OPS = ("allreduce", "broadcast")
@@ -65,32 +65,6 @@ def copy_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - start)
     return 2 * nbytes / best / 1e9
-
-
-def start_gloo(world: MPI.Comm) -> bool:
-    """Initialise torch.distributed's gloo backend from the MPI rank and size; False without torch.
-
-    Rank 0 picks a free TCP port on its host (loopback when every rank is on
-    one host) and tells the others over MPI.
-    """
-    try:
-        import torch
-        import torch.distributed as dist
-    except ImportError:
-        return False
-    torch.set_num_threads(1)
-    hosts = world.allgather(MPI.Get_processor_name())
-    address = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(hosts[0])
-    port = None
-    if world.Get_rank() == 0:
-        with socket.socket() as probe:
-            probe.bind((address, 0))
-            port = probe.getsockname()[1]
-    port = world.bcast(port, root=0)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://{address}:{port}", rank=world.Get_rank(), world_size=world.Get_size()
-    )
-    return True
 
 
 def operation(comm: Communicator, op: str, buf: np.ndarray, alg: str, root: int) -> Callable[[], object]:
@@ -143,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     comm = Communicator(checked=args.checked)
     dtype = np.dtype(args.dtype)
     algorithms = args.algorithms.split(",") if args.algorithms else [OURS[args.op], "auto", "native", "gloo"]
-    if "gloo" in algorithms and (args.op not in GLOO_OPS or not start_gloo(world)):
+    if "gloo" in algorithms and (args.op not in GLOO_OPS or not init_gloo(world, 1)):
         algorithms.remove("gloo")  # torch missing, or gloo lacks the operation
     factor = BUS_FACTOR[args.op](p)
     bandwidth = copy_bandwidth()

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
-from mpitrain.jobs import child_environment, mpiexec_command
+from mpitrain.jobs import child_environment, init_gloo, mpiexec_command
 
 MODELS = {"mlp": (1024, 1024), "cnn": (64,)}
 INPUT = (1, 28, 28)
@@ -86,22 +85,10 @@ def _mpitrain_step(args, world, nthreads, x, y):
 
 def _ddp_step(args, world, nthreads, x, y):
     import torch
-    import torch.distributed as dist
-    from mpi4py import MPI
     from torch import nn
 
-    torch.set_num_threads(nthreads)
+    init_gloo(world, nthreads)
     torch.manual_seed(0)
-    hosts = world.allgather(MPI.Get_processor_name())
-    address = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(hosts[0])
-    port = None
-    if world.Get_rank() == 0:
-        with socket.socket() as probe:
-            probe.bind((address, 0))
-            port = probe.getsockname()[1]
-    port = world.bcast(port, root=0)
-    dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=world.Get_rank(),
-                            world_size=world.Get_size())  # fmt: skip
     if args.model == "mlp":
         layers = [nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)]
     else:
