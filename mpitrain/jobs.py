@@ -23,12 +23,16 @@ def mpiexec_command(ranks: int, *command: str) -> list[str]:
     """``mpiexec -n ranks command...``, using the mpiexec beside this Python, else the one on PATH.
 
     Open MPI gets ``--oversubscribe`` so more ranks than cores start, as with MPICH.
+    MPICH's Hydra gets ``-disable-auto-cleanup``: when a rank dies, the
+    survivors' watchdogs name it and abort the job, instead of the launcher
+    killing them first and reporting whichever process it reaped.
     """
     launcher = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     if not os.path.exists(launcher):
         launcher = shutil.which("mpiexec") or "mpiexec"
     probe = subprocess.run([launcher, "--version"], capture_output=True, text=True, check=False)
-    extra = ["--oversubscribe"] if "Open MPI" in probe.stdout + probe.stderr else []
+    version = probe.stdout + probe.stderr
+    extra = ["--oversubscribe"] if "Open MPI" in version else ["-disable-auto-cleanup"] if "HYDRA" in version else []
     return [launcher, *extra, "-n", str(ranks), *command]
 
 

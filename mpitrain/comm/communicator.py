@@ -10,6 +10,7 @@ MPI's native calls), reduced in place.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,7 +30,7 @@ from mpitrain.comm.checks import (
 )
 from mpitrain.comm.shm import SharedBuffers
 from mpitrain.comm.tuning import Tuning
-from mpitrain.comm.watchdog import Watchdog
+from mpitrain.comm.watchdog import Peer, Watchdog
 
 UFUNCS = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
 NATIVE_OPS = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -118,16 +119,17 @@ class Communicator:
         self.sequence = 0
         self._scratch: dict[np.dtype, np.ndarray] = {}
         self.shared = self._shared_buffers(node_size)
-        counters = self._progress_counters()  # allocated on every rank, whatever its timeout: it is collective
-        self.watchdog = None if timeout is None else Watchdog(self.rank, timeout, *counters)
+        progress = self._progress()  # allocated on every rank, whatever its timeout: it is collective
+        self.watchdog = None if timeout is None else Watchdog(self.rank, timeout, *progress)
 
-    def _progress_counters(self) -> tuple[np.ndarray | None, list[tuple[int, np.ndarray]]]:
-        """This rank's node-shared "last collective entered" counter and its node peers' (global rank, counter)."""
+    def _progress(self) -> tuple[np.ndarray | None, list[Peer]]:
+        """This rank's node-shared progress array and every node-local rank as a watchdog ``Peer``."""
         if self.shared is None:
             return None, []
-        counter = self.shared.allocate(1, np.int64)
-        members = self.shared.node.allgather(self.rank)
-        return counter, list(zip(members, self.shared.windows[-1].peers, strict=True))
+        progress = self.shared.allocate(2, np.int64)
+        members = self.shared.node.allgather((self.rank, os.getpid()))
+        arrays = self.shared.windows[-1].peers
+        return progress, [Peer(rank, array, pid) for (rank, pid), array in zip(members, arrays, strict=True)]
 
     def _shared_buffers(self, node_size: int | None) -> SharedBuffers | None:
         if node_size is None:
@@ -332,6 +334,8 @@ class Communicator:
 
         The object, and every array that ``allocate`` returned, is unusable afterwards.
         """
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.shared is not None:
             self.shared.free()
         self.comm.Free()

@@ -1,4 +1,4 @@
-"""A watchdog thread that ends the whole job when a collective or a step stops making progress.
+"""A watchdog that ends the whole job when a collective or a step stops making progress, or a peer dies.
 
 A rank that is stuck (a peer died, hangs, or skipped a collective) would
 otherwise wait forever. Every watched region records what it is and when it
@@ -6,60 +6,94 @@ began; when one has run longer than ``timeout`` seconds the watchdog prints,
 on this rank, what it was waiting in and which ranks of its node have not
 yet entered that collective (from counters in node-shared memory), then
 calls ``MPI_Abort`` so ``mpiexec`` ends every rank with a non-zero status.
+
+A second thread waits on the node peers' process ids (Linux pidfds): when a
+peer exits without having marked itself finished (a SIGKILL, a crash), this
+rank names it and aborts at once. Under MPICH's default clean-up the
+launcher may kill the survivors first and report some process's pid;
+``mpiexec -disable-auto-cleanup`` leaves the naming to the survivors.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
+import os
+import select
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 from mpi4py import MPI
 
-EXIT_TIMEOUT = 3
+EXIT_TIMEOUT = 3  # a watched region outlived the timeout
+EXIT_PEER_EXITED = 4  # a node peer exited before finishing
+ENTERED, FINISHED = 0, 1  # the slots of a rank's node-shared progress array
+
+
+class Peer(NamedTuple):
+    """A rank of this node as the watchdog sees it."""
+
+    rank: int
+    progress: np.ndarray  # node-shared: [last collective entered, 1 once the rank finished cleanly]
+    pid: int | None = None
 
 
 class Watchdog:
-    """Watches regions of this rank and aborts the job when one outlives ``timeout`` seconds.
+    """Watches regions of this rank and aborts the job when one outlives ``timeout`` seconds or a peer dies.
 
     Args:
         rank: this rank (for the message).
         timeout: seconds a watched region may take.
-        entered: this rank's node-shared counter of the collectives it has entered,
-            and ``peers``: every node-local rank's counter with its global rank.
+        progress: this rank's node-shared progress array (see ``Peer``), and
+            ``peers``: every rank of this node, this one included.
         abort: what ends the job (default ``MPI.COMM_WORLD.Abort``); tests replace it.
         grace: seconds between printing the message and aborting.
+
+    ``stop`` (called at interpreter exit, before MPI finalizes) marks this
+    rank finished so that its peers take its exit for a clean one.
     """
 
     def __init__(
         self,
         rank: int,
         timeout: float,
-        entered: np.ndarray | None = None,
-        peers: list[tuple[int, np.ndarray]] | None = None,
+        progress: np.ndarray | None = None,
+        peers: list[Peer] | None = None,
         abort: Callable[[int], None] | None = None,
         grace: float = 1.0,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.rank, self.timeout = rank, float(timeout)
-        self.entered, self.peers = entered, peers or []
+        self.progress, self.peers = progress, peers or []
         self.abort, self.grace = abort or MPI.COMM_WORLD.Abort, grace
         self._active: dict[int, tuple[str, int | None, float]] = {}
         self._tokens = itertools.count()
         self._lock = threading.Lock()
         self.fired: str | None = None
+        self.stopped = False
         threading.Thread(target=self._run, name="mpitrain-watchdog", daemon=True).start()
+        others = [peer for peer in self.peers if peer.rank != rank and peer.pid is not None]
+        if others and hasattr(os, "pidfd_open"):
+            threading.Thread(target=self._watch_exits, args=(others,), name="mpitrain-peers", daemon=True).start()
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        """Stop watching and mark this rank finished, so that its exit alarms no peer."""
+        self.stopped = True
+        if self.progress is not None:
+            self.progress[FINISHED] = 1
 
     @contextlib.contextmanager
     def watch(self, what: str, sequence: int | None = None) -> Iterator[None]:
         """Watch the enclosed block; ``sequence`` marks it as collective number ``sequence``."""
-        if sequence is not None and self.entered is not None:
-            self.entered[0] = sequence
+        if sequence is not None and self.progress is not None:
+            self.progress[ENTERED] = sequence
         token = next(self._tokens)
         with self._lock:
             self._active[token] = (what, sequence, time.monotonic())
@@ -71,22 +105,50 @@ class Watchdog:
 
     def _run(self) -> None:
         poll = min(0.5, self.timeout / 4)
-        while self.fired is None:
+        while self.fired is None and not self.stopped:
             time.sleep(poll)
             now = time.monotonic()
             with self._lock:
                 late = [entry for entry in self._active.values() if now - entry[2] > self.timeout]
             if late:
-                self._fire(max(late, key=lambda entry: entry[2]))  # the innermost late region
+                self._late(max(late, key=lambda entry: entry[2]))  # the innermost late region
 
-    def _fire(self, entry: tuple[str, int | None, float]) -> None:
+    def _watch_exits(self, peers: list[Peer]) -> None:
+        """Wait until a peer's process exits; unless it had finished cleanly, name it and abort."""
+        poll, by_fd = select.poll(), {}
+        for peer in peers:
+            try:
+                fd = os.pidfd_open(peer.pid)
+            except OSError:  # gone already, or pidfds unsupported: the timeout still covers it
+                continue
+            by_fd[fd] = peer
+            poll.register(fd, select.POLLIN)
+        while by_fd and not self.stopped and self.fired is None:
+            for fd, _ in poll.poll():
+                peer = by_fd.pop(fd)
+                poll.unregister(fd)
+                os.close(fd)
+                if not (peer.progress[FINISHED] or self.stopped or self.fired):
+                    where = f"pid {peer.pid} on this node"
+                    self._fire(f"rank {peer.rank} ({where}) exited before the job finished", EXIT_PEER_EXITED)
+
+    def _late(self, entry: tuple[str, int | None, float]) -> None:
         what, sequence, started = entry
-        message = f"[rank {self.rank}] watchdog: {what} has not completed in {time.monotonic() - started:.1f} s"
+        message = f"{what} has not completed in {time.monotonic() - started:.1f} s"
         if sequence is not None and self.peers:
-            behind = [rank for rank, counter in self.peers if rank != self.rank and int(counter[0]) < sequence]
+            behind = [p.rank for p in self.peers if p.rank != self.rank and int(p.progress[ENTERED]) < sequence]
             message += f"; ranks on this node that have not entered it: {behind if behind else 'none'}"
-        self.fired = message
-        print(message + f" (timeout {self.timeout:g} s); aborting the job", file=sys.stderr, flush=True)
+        self._fire(message + f" (timeout {self.timeout:g} s)", EXIT_TIMEOUT)
+
+    def _fire(self, message: str, code: int) -> None:
+        with self._lock:  # one message and one abort, whichever thread comes first
+            if self.fired is not None:
+                return
+            self.fired = f"[rank {self.rank}] watchdog: {message}"
+        if self.progress is not None:
+            self.progress[FINISHED] = 1  # this rank's own exit is the abort, not news for its peers
+        sys.stderr.write(self.fired + "; aborting the job\n")  # one write: lines of ranks do not interleave
+        sys.stderr.flush()
         # The launcher forwards output asynchronously; an immediate abort can lose the message.
         time.sleep(self.grace)
-        self.abort(EXIT_TIMEOUT)
+        self.abort(code)
