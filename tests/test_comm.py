@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -176,12 +177,26 @@ def test_segment_pipelining_with_tiny_segments() -> None:
 
 
 @pytest.mark.mpi(min_size=2)
-def test_scratch_is_two_segments_reused_between_calls(comm: Communicator) -> None:
+def test_scratch_is_one_segment_reused_between_calls(comm: Communicator) -> None:
     comm.allreduce(np.ones(100_000, np.float32), algorithm="ring")
     first = comm._scratch[np.dtype(np.float32)]
     comm.allreduce(np.ones(3_000_000, np.float32), algorithm="ring")
     assert comm._scratch[np.dtype(np.float32)] is first
-    assert first.nbytes == 2 * comm.tuning.segment_bytes
+    assert first.nbytes == comm.tuning.segment_bytes
+
+
+@pytest.mark.mpi(min_size=2)
+def test_ring_python_state_does_not_grow_with_the_buffer(comm: Communicator) -> None:
+    peaks = []
+    for n in (1 << 16, 1 << 22):  # 256 KiB and 16 MiB of float32: 1 and 64 segments
+        x = np.ones(n, np.float32)
+        comm.allreduce(x, algorithm="ring")  # scratch allocated outside the measurement
+        tracemalloc.start()
+        comm.allreduce(x, algorithm="ring")
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert np.all(x == comm.size**2)
+    assert peaks[1] < 64 * 1024 and peaks[1] < 2 * peaks[0] + 16 * 1024, peaks
 
 
 @pytest.mark.mpi

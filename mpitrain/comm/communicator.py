@@ -386,8 +386,8 @@ class Communicator:
         return max(1, self.segment // flat.dtype.itemsize)
 
     def _scratch_for(self, dtype: np.dtype, count: int = 0) -> np.ndarray:
-        """Per-dtype scratch of 2 segments (or ``count`` elements if more), allocated once and reused."""
-        need = max(2 * max(1, self.segment // dtype.itemsize), count)
+        """Per-dtype scratch of one segment (or ``count`` elements if more), allocated once and reused."""
+        need = max(2, self.segment // dtype.itemsize, count)
         scratch = self._scratch.get(dtype)
         if scratch is None or scratch.size < need:
             scratch = self._scratch[dtype] = np.empty(need, dtype=dtype)

@@ -21,16 +21,18 @@ r-1. With p = 4 the chunk each rank SENDS at each step is:
 bandwidth-optimal. Each chunk is summed once, on one rank, along the ring and
 then copied, so every rank ends with bit-identical results.
 
-Every step is cut into segments: up to WINDOW segment sends are in flight
-at once, and while segment k is being added, segment k+1 is already
-arriving into the other half of a two-segment scratch buffer. The scratch is the only
-extra memory (2 segments) and is owned and reused by the caller.
+Every step is cut into messages: up to WINDOW sends are in flight at once.
+The all-gather's messages are a segment long and land straight in the
+buffer. The reduce-scatter's are half a segment: while piece k is being
+added, piece k+1 is already arriving into the other half of a one-segment
+scratch buffer. That scratch is the only extra memory, owned and reused by
+the caller; the Python state is a few objects whatever the buffer's size.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mpi4py import MPI
@@ -46,8 +48,9 @@ def chunk_bounds(n: int, p: int) -> list[tuple[int, int]]:
     return [(i * n // p, (i + 1) * n // p) for i in range(p)]
 
 
-def _segments(length: int, segment: int) -> list[tuple[int, int]]:
-    return [(a, min(a + segment, length)) for a in range(0, length, segment)]
+def _segments(length: int, segment: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each segment of a ``length``-element view, generated lazily (no per-segment list)."""
+    return ((a, min(a + segment, length)) for a in range(0, length, segment))
 
 
 class _Sends:
@@ -56,7 +59,7 @@ class _Sends:
     def __init__(self, comm: MPI.Comm, view: Any, dest: int, segment: int) -> None:
         self.comm, self.view, self.dest = comm, view, dest
         self.todo = _segments(len(view), segment)
-        self.next = 0
+        self.left = -(-len(view) // segment)  # sends not yet posted
         self.flying: deque[MPI.Request] = deque()
         self.pump()
 
@@ -64,51 +67,59 @@ class _Sends:
         """Retire finished sends from the front and post more, up to the window."""
         while self.flying and self.flying[0].Test():
             self.flying.popleft()
-        while len(self.flying) < WINDOW and self.next < len(self.todo):
-            a, b = self.todo[self.next]
+        while len(self.flying) < WINDOW and self.left:
+            a, b = next(self.todo)
             self.flying.append(self.comm.Isend(self.view[a:b], dest=self.dest, tag=TAG))
-            self.next += 1
+            self.left -= 1
 
     def finish(self) -> None:
         """Post what is left and wait for every send."""
-        while self.next < len(self.todo) or self.flying:
+        while self.left or self.flying:
             if self.flying:
                 self.flying.popleft().Wait()
             self.pump()
 
 
-def _recv_reduce(comm: MPI.Comm, view: Any, source: int, segment: int, scratch: Any, reduce: Reducer, sends: _Sends):
-    """Receive ``view``'s length in segments and reduce each into ``view``, overlapping the next receive."""
-    segs = _segments(len(view), segment)
-    if not segs:
-        return
-    slots = (scratch[:segment], scratch[segment : 2 * segment])
-    pending = comm.Irecv(slots[0][: segs[0][1] - segs[0][0]], source=source, tag=TAG)
-    for k, (a, b) in enumerate(segs):
-        current = pending
-        if k + 1 < len(segs):
-            na, nb = segs[k + 1]
-            pending = comm.Irecv(slots[(k + 1) % 2][: nb - na], source=source, tag=TAG)
+def _piece(segment: int) -> int:
+    """Length of a reduce-scatter message: half a segment, so two in flight fit one segment of scratch."""
+    return max(1, segment // 2)
+
+
+def _recv_reduce(comm: MPI.Comm, view: Any, source: int, piece: int, scratch: Any, reduce: Reducer, sends: _Sends):
+    """Receive ``view`` in pieces and reduce each into ``view``, the next piece arriving meanwhile."""
+    slots = (scratch[:piece], scratch[piece : 2 * piece])
+    pieces = _segments(len(view), piece)
+    upcoming = next(pieces, None)
+    pending = None if upcoming is None else comm.Irecv(slots[0][: upcoming[1] - upcoming[0]], source=source, tag=TAG)
+    k = 0
+    while upcoming is not None:
+        (a, b), current = upcoming, pending
+        upcoming = next(pieces, None)
+        if upcoming is not None:
+            pending = comm.Irecv(slots[(k + 1) % 2][: upcoming[1] - upcoming[0]], source=source, tag=TAG)
         current.Wait()
         reduce(view[a:b], slots[k % 2][: b - a], out=view[a:b])
         sends.pump()
+        k += 1
 
 
 def reduce_scatter(comm: MPI.Comm, buf: Any, reduce: Reducer, segment: int, scratch: Any) -> tuple[int, int]:
     """Ring reduce-scatter in place; returns the (start, stop) of chunk ``rank``, which this rank now owns.
 
-    Contract: same length and dtype on every rank. Afterwards chunk ``rank``
-    of ``buf`` holds the reduction over all ranks; other chunks hold partial
-    results. Cost: p-1 steps, (p-1)/p of the buffer sent.
+    Contract: same length and dtype on every rank; ``scratch`` holds at least
+    two half-segments. Afterwards chunk ``rank`` of ``buf`` holds the
+    reduction over all ranks; other chunks hold partial results. Cost: p-1
+    steps, (p-1)/p of the buffer sent.
     """
     p, r = comm.Get_size(), comm.Get_rank()
     bounds = chunk_bounds(len(buf), p)
     right, left = (r + 1) % p, (r - 1) % p
+    piece = _piece(segment)
     for step in range(p - 1):
         s0, s1 = bounds[(r - step - 1) % p]
         r0, r1 = bounds[(r - step - 2) % p]
-        sends = _Sends(comm, buf[s0:s1], right, segment)
-        _recv_reduce(comm, buf[r0:r1], left, segment, scratch, reduce, sends)
+        sends = _Sends(comm, buf[s0:s1], right, piece)
+        _recv_reduce(comm, buf[r0:r1], left, piece, scratch, reduce, sends)
         sends.finish()
     return bounds[r]
 
@@ -151,7 +162,7 @@ def allreduce(
     Contract: same length and dtype on every rank. ``finish`` (for example
     the division of a mean) runs once per element, on the owning rank, before
     the chunk is copied to the others. Cost: 2(p-1) steps, 2(p-1)/p of the
-    buffer sent and received per rank, 2 segments of scratch.
+    buffer sent and received per rank, one segment of scratch.
     """
     start, stop = reduce_scatter(comm, buf, reduce, segment, scratch)
     if finish is not None:
