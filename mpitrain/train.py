@@ -52,6 +52,7 @@ class TrainConfig:
     overlap: bool = True
     compression: str = "none"
     accumulate: int = 1
+    micro_batch: int = 0
     nonfinite: str = "abort"
     check_replicas_every: int = 100
     checkpoint_dir: str | None = None
@@ -140,6 +141,7 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
             compression=config.compression,
             accumulate=config.accumulate,
             nonfinite=config.nonfinite,
+            micro_batch=config.micro_batch,
         )
     dp.broadcast_parameters()
     leader = comm.rank == 0

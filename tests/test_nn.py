@@ -150,6 +150,39 @@ def test_init_is_seeded_and_scaled() -> None:
     assert not a.layers[1].bias.data.any()
 
 
+@pytest.mark.parametrize("name,shape", [("mlp", (64,)), ("cnn", (1, 8, 8))])
+def test_backward_without_input_gradient_skips_it_and_keeps_parameter_gradients(name: str, shape) -> None:
+    x = np.random.default_rng(0).standard_normal((5, *shape))
+    grads = []
+    for need in (True, False):
+        model = build_model(name, shape, 10).init_params(seed=3, dtype=np.float64)
+        model.need_input_grad = need
+        out = model.forward(x)
+        dx = model.backward(np.ones_like(out))
+        assert (dx is None) == (not need)
+        first = next(layer for layer in model.layers if layer.parameters())
+        assert hasattr(first, "_ws_dx") == need  # the input layer's dx was never computed
+        grads.append(model.flat_grads.copy())
+    np.testing.assert_array_equal(grads[0], grads[1])
+
+
+def test_pooling_before_relu_is_the_same_function_and_gradient() -> None:
+    x = np.random.default_rng(1).standard_normal((4, 2, 6, 6))
+    x[0, 0, :2, :2] = -1.0  # a window whose maximum is negative
+    x[1, 1, :2, :2] = 0.5  # a tie
+    results = []
+    for layers in (
+        (Conv2d(2, 3, 3, padding=1), ReLU(), MaxPool2d(2)),
+        (Conv2d(2, 3, 3, padding=1), MaxPool2d(2), ReLU()),
+    ):
+        model = Sequential(*layers, Flatten()).init_params(seed=5, dtype=np.float64)
+        out = model.forward(x).copy()
+        dx = model.backward(np.random.default_rng(2).standard_normal(out.shape)).copy()
+        results.append((out, dx, model.flat_grads.copy()))
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_models_by_name_and_bad_sizes() -> None:
     cnn = build_model("cnn", (1, 8, 8), 10).init_params()
     assert cnn.forward(np.zeros((3, 1, 8, 8), np.float32)).shape == (3, 10)

@@ -14,6 +14,7 @@ from mpitrain.data import ShardedBatches
 from mpitrain.nn import build_model
 from mpitrain.optim import SGD
 from mpitrain.parallel import DataParallel
+from mpitrain.parallel.data_parallel import MICRO_BATCH_BYTES
 from mpitrain.train import TrainConfig, train
 from tests.conftest import WORLD
 
@@ -106,6 +107,31 @@ def test_accumulation_equals_a_k_times_larger_batch(comm: Communicator) -> None:
 
 
 @pytest.mark.mpi
+def test_micro_batches_equal_the_whole_batch(comm: Communicator) -> None:
+    split = _train(comm, dtype="float64", model="cnn", batch_size=24, micro_batch=5)
+    whole = _train(comm, dtype="float64", model="cnn", batch_size=24, micro_batch=24)
+    np.testing.assert_allclose(split, whole, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.mpi
+def test_automatic_micro_batches_split_activation_heavy_models_only(comm: Communicator) -> None:
+    x = np.zeros((128, 1, 28, 28), np.float32)
+    plans = {}
+    for name, hidden in (("mlp", (1024, 1024)), ("cnn", ())):
+        net = build_model(name, (1, 28, 28), 10, hidden).init_params()
+        opt = SGD(net.flat_params, net.flat_grads, 0.1)
+        per_sample = net.output_bytes_per_sample(x[:1])
+        plans[name] = DataParallel(net, opt, comm).pieces(x), per_sample
+        assert DataParallel(net, opt, comm, micro_batch=16).pieces(x) == 8
+        assert DataParallel(net, opt, comm, micro_batch=1000, accumulate=3).pieces(x) == 3
+    # An MLP re-reads its weights per micro-batch, so it stays whole; the CNN's outputs are split to MICRO_BATCH_BYTES.
+    assert plans["mlp"][0] == 1
+    assert plans["cnn"][0] == -(-128 // (MICRO_BATCH_BYTES // plans["cnn"][1])) > 1
+    with pytest.raises(ValueError, match="micro_batch"):
+        DataParallel(net, opt, comm, micro_batch=-1)
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("compression", ["fp16", "bf16", "topk:0.3"])
 def test_compressed_training_converges_on_digits(comm: Communicator, compression: str) -> None:
     history = train(TrainConfig(progress=False, compression=compression), comm).history
@@ -169,5 +195,6 @@ def test_steady_state_step_allocates_no_large_arrays(
     dp.train_step(x, y)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    # Every activation here is at least 512 KiB and the model 7 MiB (mlp) / 0.1 MiB with 3 MiB activations (cnn).
+    # Every activation here is at least 512 KiB (mlp, model 7 MiB); the cnn (model 0.4 MiB) runs micro-batches
+    # of 32 whose activations are 0.4-1.6 MiB.
     assert peak < 256 * 1024, f"a steady-state step allocated {peak / 1024:.0f} KiB at its peak"

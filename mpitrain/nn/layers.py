@@ -62,6 +62,8 @@ class Linear(Module):
         xp.matmul(self._x.T, grad, out=dw)
         self.weight.grad += dw
         self.bias.grad += grad.sum(axis=0)
+        if not self.need_input_grad:
+            return None
         dx = _workspace(self, "dx", self._x.shape, grad.dtype)
         xp.matmul(grad, self.weight.data.T, out=dx)
         return dx
@@ -139,6 +141,8 @@ class Conv2d(Module):
         xp.matmul(g, self._cols.T, out=dw)
         self.weight.grad += dw.reshape(self.weight.shape)
         self.bias.grad += g.sum(axis=1)
+        if not self.need_input_grad:
+            return None
         dcols = _workspace(self, "dcols", self._cols.shape, grad.dtype)
         xp.matmul(self.weight.data.reshape(self.out_channels, -1).T, g, out=dcols)
         dcols = dcols.reshape(self.in_channels, k, k, n, oh, ow)
@@ -183,17 +187,23 @@ class MaxPool2d(Module):
 
     def backward(self, grad: Any) -> Any:
         xp = self.xp
+        (oh, ow), k, s = self._out_hw, self.kernel, self.stride
+        disjoint = s >= k  # windows do not overlap: plain writes suffice
         dx = _workspace(self, "dx", self._x.shape, grad.dtype)
-        dx.fill(0)
+        if not (s == k and oh * k == dx.shape[2] and ow * k == dx.shape[3]):
+            dx.fill(0)  # some inputs are in no window, or windows overlap
         unclaimed = _workspace(self, "unclaimed", grad.shape, bool)
-        unclaimed.fill(True)
         hit = _workspace(self, "hit", grad.shape, bool)
-        disjoint = self.stride >= self.kernel  # windows do not overlap: plain writes suffice
         # Each output's gradient goes to the first position (row-major) holding its maximum.
-        for i, j in self._positions():
+        positions = self._positions()
+        for index, (i, j) in enumerate(positions):
             xp.equal(self._window(self._x, i, j), self._out, out=hit)
-            hit &= unclaimed
-            xp.greater(unclaimed, hit, out=unclaimed)  # unclaimed and not hit
+            if index == 0:
+                xp.logical_not(hit, out=unclaimed)
+            else:
+                hit &= unclaimed
+                if index < len(positions) - 1:
+                    xp.greater(unclaimed, hit, out=unclaimed)  # unclaimed and not hit
             if disjoint:
                 xp.multiply(grad, hit, out=self._window(dx, i, j))
             else:

@@ -22,8 +22,8 @@ def build_model(
 
     Args:
         name: "mlp" (Flatten, then Linear+ReLU per hidden size, then Linear) or
-            "cnn" (two 3x3 conv + ReLU + 2x2 max-pool blocks with 16 and 32
-            channels, then Linear+ReLU per hidden size, then Linear).
+            "cnn" (two blocks of 3x3 conv, 2x2 max-pool and ReLU, with 16 and
+            32 channels, then Linear+ReLU per hidden size, then Linear).
         input_shape: shape of one sample, e.g. (64,) or (1, 28, 28).
         num_classes: number of outputs.
         hidden: sizes of the hidden dense layers; empty means the default
@@ -53,13 +53,15 @@ def build_model(
         if len(input_shape) != 3 or min(input_shape[1:]) < 4:
             raise ValueError(f"cnn needs images shaped (channels, height>=4, width>=4), got {tuple(input_shape)}")
         channels, height, width_px = (int(d) for d in input_shape)
+        # Pooling before ReLU is the same function with the same gradients (ReLU is monotonic),
+        # and the ReLU then works on a quarter of the values.
         layers = [
             Conv2d(channels, 16, 3, padding=1),
-            ReLU(),
             MaxPool2d(2),
+            ReLU(),
             Conv2d(16, 32, 3, padding=1),
-            ReLU(),
             MaxPool2d(2),
+            ReLU(),
             Flatten(),
         ]
         width = 32 * (height // 4) * (width_px // 4)

@@ -68,13 +68,15 @@ class Module:
 
     xp: ModuleType = np
     training: bool = True
+    need_input_grad: bool = True  # False: backward may skip d(loss)/d(input) and return None
 
     def forward(self, x: Any) -> Any:
         """Compute the output for input ``x``."""
         raise NotImplementedError
 
     def backward(self, grad: Any) -> Any:
-        """Given d(loss)/d(output), add parameter gradients and return d(loss)/d(input)."""
+        """Given d(loss)/d(output), add parameter gradients and return d(loss)/d(input) (or None when
+        ``need_input_grad`` is False and the layer skipped it)."""
         raise NotImplementedError
 
     def __call__(self, x: Any) -> Any:
@@ -161,6 +163,11 @@ class Sequential(Module):
     ``after_backward``, when set, is called with each layer's index as soon
     as that layer's backward has finished (its gradients are final), so a
     caller can start communicating them while earlier layers still compute.
+
+    With ``need_input_grad`` False (a model trained on data sets it), backward
+    stops at the first layer with parameters, which skips its own input
+    gradient: for an MLP that is the largest matrix product of the input
+    layer, for a CNN the first convolution's col2im.
     """
 
     def __init__(self, *layers: Module) -> None:
@@ -178,9 +185,30 @@ class Sequential(Module):
             x = layer.forward(x)
         return x
 
+    def output_bytes_per_sample(self, sample: Any) -> int:
+        """Bytes of all layer outputs for ``sample`` (a batch of one), from a forward in eval mode.
+
+        Eval mode draws no random numbers, so training state is untouched.
+        """
+        mode = self.training
+        self.eval()
+        total = 0
+        try:
+            for layer in self.layers:
+                sample = layer.forward(sample)
+                total += int(sample.nbytes)
+        finally:
+            self.train(mode)
+        return total // max(1, len(sample))
+
     def backward(self, grad: Any) -> Any:
-        for index in range(len(self.layers) - 1, -1, -1):
-            grad = self.layers[index].backward(grad)
+        stop = 0
+        if not self.need_input_grad:
+            stop = next((i for i, layer in enumerate(self.layers) if layer.parameters()), len(self.layers))
+        for index in range(len(self.layers) - 1, stop - 1, -1):
+            layer = self.layers[index]
+            layer.need_input_grad = self.need_input_grad or index > stop
+            grad = layer.backward(grad)
             if self.after_backward is not None:
                 self.after_backward(index)
-        return grad
+        return grad if self.need_input_grad else None
