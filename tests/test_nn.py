@@ -67,6 +67,7 @@ def random(*shape: int) -> np.ndarray:
         (lambda: Conv2d(2, 3, 3), (2, 2, 5, 6)),
         (lambda: Conv2d(2, 3, 3, stride=2, padding=1), (2, 2, 7, 5)),
         (lambda: Conv2d(1, 2, 2, stride=1, padding=2), (1, 1, 3, 3)),
+        (lambda: Conv2d(8, 3, 3, padding=1), (2, 8, 4, 3)),  # 72 im2col rows: the pixel-rows product
         (lambda: MaxPool2d(2), (2, 3, 4, 6)),
         (lambda: MaxPool2d(3, stride=2), (2, 2, 7, 7)),
         (lambda: MaxPool2d(2), (1, 2, 5, 5)),
@@ -181,6 +182,19 @@ def test_pooling_before_relu_is_the_same_function_and_gradient() -> None:
         results.append((out, dx, model.flat_grads.copy()))
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_max_pool_backward_needs_a_training_forward() -> None:
+    pool = MaxPool2d(2)
+    x = np.random.default_rng(0).standard_normal((1, 1, 4, 4))
+    pool.eval()
+    expected = x.reshape(1, 1, 2, 2, 2, 2).max(axis=(3, 5))
+    np.testing.assert_array_equal(pool.forward(x), expected)
+    with pytest.raises(RuntimeError, match="training mode"):
+        pool.backward(np.ones((1, 1, 2, 2)))
+    pool.train()
+    np.testing.assert_array_equal(pool.forward(x), expected)
+    assert pool.backward(np.ones((1, 1, 2, 2))).sum() == 4
 
 
 def test_models_by_name_and_bad_sizes() -> None:

@@ -69,6 +69,13 @@ class Linear(Module):
         return dx
 
 
+# Conv2d forward as cols.T @ W.T (a row per output pixel) from this many rows of im2col columns (C*k*k),
+# else W @ cols. OpenBLAS, one thread, micro-batch of 32, GEMM plus the copy to NCHW: 16 x 9 x 25088
+# 0.24 ms as W @ cols against 0.36; 16 x 27 x 25088 0.47 against 0.64; 32 x 144 x 6272 0.82 against 0.63;
+# 64 x 288 x 1568 a tie.
+PIXEL_ROWS_MIN_DEPTH = 64
+
+
 class Conv2d(Module):
     """2-D convolution (cross-correlation) by im2col and one matrix product.
 
@@ -123,11 +130,18 @@ class Conv2d(Module):
             for j in range(k):
                 cols[:, i, j] = channels_first[:, :, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s]
         self._cols, self._xshape = cols.reshape(c * k * k, -1), xpad.shape
-        gemm = _workspace(self, "gemm", (self.out_channels, n * oh * ow), x.dtype)
-        xp.matmul(self.weight.data.reshape(self.out_channels, -1), self._cols, out=gemm)
-        gemm += self.bias.data[:, None]
-        out = _workspace(self, "out", (n, self.out_channels, oh, ow), x.dtype)
-        out[...] = gemm.reshape(self.out_channels, n, oh, ow).transpose(1, 0, 2, 3)
+        o, weight = self.out_channels, self.weight.data.reshape(self.out_channels, -1)
+        out = _workspace(self, "out", (n, o, oh, ow), x.dtype)
+        if self._cols.shape[0] >= PIXEL_ROWS_MIN_DEPTH:  # one row per output pixel: cols.T @ W.T
+            gemm = _workspace(self, "gemm", (n * oh * ow, o), x.dtype)
+            xp.matmul(self._cols.T, weight.T, out=gemm)
+            gemm += self.bias.data
+            out.reshape(n, o, oh * ow)[...] = gemm.reshape(n, oh * ow, o).transpose(0, 2, 1)
+        else:  # one row per output channel: W @ cols
+            gemm = _workspace(self, "gemm", (o, n * oh * ow), x.dtype)
+            xp.matmul(weight, self._cols, out=gemm)
+            gemm += self.bias.data[:, None]
+            out[...] = gemm.reshape(o, n, oh, ow).transpose(1, 0, 2, 3)
         return out
 
     def backward(self, grad: Any) -> Any:
@@ -137,9 +151,9 @@ class Conv2d(Module):
         g = _workspace(self, "g", (self.out_channels, n, oh, ow), grad.dtype)
         g[...] = grad.transpose(1, 0, 2, 3)
         g = g.reshape(self.out_channels, -1)
-        dw = _workspace(self, "dw", (self.out_channels, self._cols.shape[0]), grad.dtype)
-        xp.matmul(g, self._cols.T, out=dw)
-        self.weight.grad += dw.reshape(self.weight.shape)
+        dw = _workspace(self, "dw", (self._cols.shape[0], self.out_channels), grad.dtype)
+        xp.matmul(self._cols, g.T, out=dw)  # 27% faster than g @ cols.T, as in forward
+        self.weight.grad.reshape(self.out_channels, -1)[...] += dw.T
         self.bias.grad += g.sum(axis=1)
         if not self.need_input_grad:
             return None
@@ -156,11 +170,17 @@ class Conv2d(Module):
 
 
 class MaxPool2d(Module):
-    """Max over kernel x kernel windows (stride defaults to the kernel size)."""
+    """Max over kernel x kernel windows (stride defaults to the kernel size).
+
+    In training, forward also records which window position (row-major, the
+    first on ties) holds each maximum, so backward routes each gradient with
+    one comparison per position instead of re-reading the input.
+    """
 
     def __init__(self, kernel_size: int, stride: int | None = None) -> None:
         self.kernel = _positive_int("kernel_size", kernel_size)
         self.stride = self.kernel if stride is None else _positive_int("stride", stride)
+        self._index_dtype = np.uint8 if self.kernel**2 <= 255 else np.int32
 
     def forward(self, x: Any) -> Any:
         xp = self.xp
@@ -168,13 +188,26 @@ class MaxPool2d(Module):
         if x.ndim != 4 or x.shape[2] < k or x.shape[3] < k:
             raise ValueError(f"MaxPool2d({k}) expects input (N, C, H>={k}, W>={k}), got {tuple(x.shape)}")
         oh, ow = (x.shape[2] - k) // s + 1, (x.shape[3] - k) // s + 1
-        self._x, self._out_hw = x, (oh, ow)
+        self._x_shape, self._out_hw = x.shape, (oh, ow)
+        shape = (*x.shape[:2], oh, ow)
         # Running maximum over the k*k window positions, each a strided view of x.
-        out = _workspace(self, "out", (*x.shape[:2], oh, ow), x.dtype)
+        out = _workspace(self, "out", shape, x.dtype)
         out[...] = self._window(x, 0, 0)
-        for i, j in self._positions()[1:]:
-            xp.maximum(out, self._window(x, i, j), out=out)
-        self._out = out
+        self._recorded = self.training
+        if not self.training:
+            for i, j in self._positions()[1:]:
+                xp.maximum(out, self._window(x, i, j), out=out)
+            return out
+        where = _workspace(self, "where", shape, self._index_dtype)
+        where.fill(0)
+        better = _workspace(self, "better", shape, bool)
+        marks = _workspace(self, "marks", shape, self._index_dtype)
+        for position, (i, j) in enumerate(self._positions()[1:], start=1):
+            window = self._window(x, i, j)
+            xp.greater(window, out, out=better)  # strictly: on ties the earlier position keeps it
+            xp.multiply(better, self._index_dtype(position), out=marks)
+            xp.maximum(where, marks, out=where)  # positions only grow, so the latest improvement wins
+            xp.maximum(out, window, out=out)
         return out
 
     def _positions(self) -> list[tuple[int, int]]:
@@ -186,25 +219,18 @@ class MaxPool2d(Module):
         return a[:, :, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s]
 
     def backward(self, grad: Any) -> Any:
+        if not getattr(self, "_recorded", False):
+            raise RuntimeError("MaxPool2d.backward needs a forward in training mode first")
         xp = self.xp
         (oh, ow), k, s = self._out_hw, self.kernel, self.stride
-        disjoint = s >= k  # windows do not overlap: plain writes suffice
-        dx = _workspace(self, "dx", self._x.shape, grad.dtype)
+        dx = _workspace(self, "dx", self._x_shape, grad.dtype)
         if not (s == k and oh * k == dx.shape[2] and ow * k == dx.shape[3]):
             dx.fill(0)  # some inputs are in no window, or windows overlap
-        unclaimed = _workspace(self, "unclaimed", grad.shape, bool)
         hit = _workspace(self, "hit", grad.shape, bool)
-        # Each output's gradient goes to the first position (row-major) holding its maximum.
-        positions = self._positions()
-        for index, (i, j) in enumerate(positions):
-            xp.equal(self._window(self._x, i, j), self._out, out=hit)
-            if index == 0:
-                xp.logical_not(hit, out=unclaimed)
-            else:
-                hit &= unclaimed
-                if index < len(positions) - 1:
-                    xp.greater(unclaimed, hit, out=unclaimed)  # unclaimed and not hit
-            if disjoint:
+        where = self._ws_where
+        for position, (i, j) in enumerate(self._positions()):
+            xp.equal(where, position, out=hit)
+            if s >= k:  # windows do not overlap: plain writes suffice
                 xp.multiply(grad, hit, out=self._window(dx, i, j))
             else:
                 self._window(dx, i, j)[...] += grad * hit
