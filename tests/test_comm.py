@@ -11,6 +11,7 @@ from mpi4py import MPI
 
 from mpitrain.comm import Communicator, Tuning, raised_on_all_ranks
 from mpitrain.comm.communicator import bf16_to_f32, f32_to_bf16
+from mpitrain.comm.ring import chunk_bounds
 from tests.conftest import WORLD, rank_data
 
 P = WORLD.Get_size()
@@ -121,6 +122,30 @@ def test_reduce_scatter_then_allgather(comm: Communicator, n: int, algorithm: st
     assert (start, stop) == comm.chunk_bounds(n)[comm.rank] and owned_ok
     assert bounds == comm.chunk_bounds(n)
     assert max_error(x, expected) <= tol
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("node_size", [None, 2])
+@pytest.mark.parametrize("op", ["sum", "mean"])
+def test_shared_memory_reduce_scatter_then_allgather(node_size: int | None, op: str) -> None:
+    if node_size is not None and WORLD.Get_size() % node_size:
+        pytest.skip("the fake nodes need a rank count divisible by their size")
+    comm = Communicator(node_size=node_size, tuning=Tuning(segment_bytes=2048))
+    ok = []
+    for n in (0, 1, 7, 10_001):
+        x = comm.allocate(n, np.float64)
+        x[...] = rank_data(n, np.float64, comm.rank, seed=13)
+        expected, tol = native_reduce(x, op), tolerance(x)
+        start, stop = comm.reduce_scatter(x, op=op, algorithm="shm")
+        ok.append(max_error(x[start:stop], expected[start:stop]) <= tol)
+        x[start:stop] += 1.0  # what a sharded optimizer does: change the owned chunk, then share it
+        comm.allgather(x, algorithm="shm")
+        ok.append(max_error(x, expected + 1.0) <= tol and same_on_every_rank(x))
+        # One node: the usual chunks. Fake nodes of 2: node rank i owns chunk i of 2, on both nodes.
+        owner = chunk_bounds(n, 2)[comm.rank % 2] if node_size else comm.chunk_bounds(n)[comm.rank]
+        ok.append((start, stop) == owner)
+    comm.free()
+    assert all(ok), ok
 
 
 @pytest.mark.mpi

@@ -35,7 +35,7 @@ from mpitrain.comm.watchdog import Peer, Watchdog
 UFUNCS = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
 NATIVE_OPS = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 ALLREDUCE_ALGORITHMS = ("auto", "ring", "doubling", "shm", "native")
-SCATTER_GATHER_ALGORITHMS = ("auto", "ring", "native")
+SCATTER_GATHER_ALGORITHMS = ("auto", "ring", "native", "shm")
 BROADCAST_ALGORITHMS = ("auto", "tree", "scatter", "shm", "native")
 
 
@@ -223,23 +223,32 @@ class Communicator:
 
         In place; chunks are ``chunk_bounds(buf.size)``, rank r owning chunk
         r; other chunks are left with partial results. Contract: same length,
-        dtype, op and algorithm on every rank. algorithm: "ring" (auto) or
-        "native" (MPI's Reduce_scatter). Raises as ``allreduce``.
+        dtype, op and algorithm on every rank. algorithm: "ring" (auto),
+        "native" (MPI's Reduce_scatter) or "shm" (buffers from ``allocate``;
+        chunk i of the node size belongs to node rank i, the same chunk on
+        every node; other chunks keep this rank's values). Raises as ``allreduce``.
         """
+        flat = buf.reshape(-1) if isinstance(buf, np.ndarray) else buf
+        shared = self._find_shared(flat)
         problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, SCATTER_GATHER_ALGORITHMS)
         problem = problem or op_problem(op, buf.dtype) or _bf16_problem(algorithm, buf.dtype)
-        self._check("reduce_scatter", buf, problem, op=op, algorithm=algorithm)
-        flat = buf.reshape(-1)
-        start, stop = self.chunk_bounds(flat.size)[self.rank]
+        problem = problem or _shm_problem(algorithm, shared, buf)
+        self._check("reduce_scatter", buf, problem, op=op, algorithm=algorithm, shared=shared and shared[1])
+        start, stop = self._owned(flat.size, algorithm)
         if self.size > 1 and flat.size:
             with self._watched("reduce_scatter", flat):
-                self._reduce_scatter(flat, op, algorithm, start, stop)
+                self._reduce_scatter(flat, op, algorithm, start, stop, shared)
         finish = finisher(op, flat.dtype, self.size)
         if finish is not None:
             finish(flat[start:stop])
         return start, stop
 
-    def _reduce_scatter(self, flat: np.ndarray, op: str, algorithm: str, start: int, stop: int) -> None:
+    def _owned(self, count: int, algorithm: str) -> tuple[int, int]:
+        if algorithm == "shm" and self.shared is not None:
+            return ring.chunk_bounds(count, self.shared.node.Get_size())[self.shared.node.Get_rank()]
+        return self.chunk_bounds(count)[self.rank]
+
+    def _reduce_scatter(self, flat: np.ndarray, op: str, algorithm: str, start: int, stop: int, shared: Any) -> None:
         if algorithm == "native":
             # Out of place: MPICH 5.0.2's in-place Reduce_scatter fails an overlap
             # assertion at 4 ranks and uneven chunks of a few hundred KiB.
@@ -247,6 +256,10 @@ class Communicator:
             result = np.empty(stop - start, flat.dtype)
             self.comm.Reduce_scatter(flat, result, counts, op=NATIVE_OPS[op])
             flat[start:stop] = result
+        elif algorithm == "shm":
+            window, offset = shared
+            reduce, segment = reducer(op, flat.dtype), self._segment_elems(flat)
+            self.shared.reduce_scatter(window, offset, flat.size, reduce, segment, self._scratch_for(flat.dtype))
         else:
             reduce = reducer(op, flat.dtype)
             ring.reduce_scatter(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype))
@@ -255,18 +268,24 @@ class Communicator:
         """Fill every rank's ``buf`` with chunk r taken from rank r, in place; return ``buf``.
 
         Chunks are ``chunk_bounds(buf.size)``. Contract: same length, dtype
-        and algorithm on every rank. algorithm: "ring" (auto) or "native"
-        (MPI's Allgatherv). Raises as ``allreduce``.
+        and algorithm on every rank. algorithm: "ring" (auto), "native"
+        (MPI's Allgatherv) or "shm" (buffers from ``allocate``, chunks as
+        ``reduce_scatter`` with "shm" owns them). Raises as ``allreduce``.
         """
+        flat = buf.reshape(-1) if isinstance(buf, np.ndarray) else buf
+        shared = self._find_shared(flat)
         problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, SCATTER_GATHER_ALGORITHMS)
-        self._check("allgather", buf, problem, algorithm=algorithm)
-        flat = buf.reshape(-1)
+        problem = problem or _shm_problem(algorithm, shared, buf)
+        self._check("allgather", buf, problem, algorithm=algorithm, shared=shared and shared[1])
         if self.size > 1 and flat.size:
             with self._watched("allgather", flat):
                 if algorithm == "native":
                     bounds = self.chunk_bounds(flat.size)
                     counts, displs = [b - a for a, b in bounds], [a for a, _ in bounds]
                     self.comm.Allgatherv(MPI.IN_PLACE, [flat, (counts, displs)])
+                elif algorithm == "shm":
+                    window, offset = shared
+                    self.shared.allgather(window, offset, flat.size)
                 else:
                     ring.allgather(self.comm, flat, self._segment_elems(flat))
         return buf

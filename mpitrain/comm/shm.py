@@ -109,24 +109,54 @@ class SharedBuffers:
 
         Contract: the same window, offset and count on every rank.
         """
+        a, b = self._reduce_own(window, offset, count, reduce, segment, scratch)
+        if finish is not None:
+            finish(window.peers[self.node.Get_rank()][offset + a : offset + b])
+        self._sync(window.win)
+        self._copy_peers(window, offset, count)
+        self._sync(window.win)
+
+    def reduce_scatter(
+        self, window: _Window, offset: int, count: int, reduce: Callable[..., Any], segment: int, scratch: Any
+    ) -> tuple[int, int]:
+        """Steps 1 and 2 of the all-reduce: this rank's chunk (node rank i: chunk i of ``node size``) ends
+        reduced over all ranks; returns its (start, stop) relative to ``offset``.
+
+        The ranks of one node rank on different nodes own the same chunk (with
+        bit-identical values). Contract: as ``allreduce``.
+        """
+        bounds = self._reduce_own(window, offset, count, reduce, segment, scratch)
+        self._sync(window.win)  # peers have read this rank's buffer before the caller changes it
+        return bounds
+
+    def allgather(self, window: _Window, offset: int, count: int) -> None:
+        """Step 3 of the all-reduce: every rank copies chunk i from the node rank i that owns it.
+
+        Contract: as ``allreduce``; chunks as ``reduce_scatter`` returns them.
+        """
+        self._sync(window.win)
+        self._copy_peers(window, offset, count)
+        self._sync(window.win)
+
+    def _reduce_own(
+        self, window: _Window, offset: int, count: int, reduce: Callable[..., Any], segment: int, scratch: Any
+    ) -> tuple[int, int]:
         me, p = self.node.Get_rank(), self.node.Get_size()
-        bounds = ring.chunk_bounds(count, p)
-        views = [peer[offset : offset + count] for peer in window.peers]
-        a, b = bounds[me]
-        mine = views[me][a:b]
+        a, b = ring.chunk_bounds(count, p)[me]
+        mine = window.peers[me][offset + a : offset + b]
         self._sync(window.win)
         for q in range(p):
             if q != me:
-                reduce(mine, views[q][a:b], out=mine)
+                reduce(mine, window.peers[q][offset + a : offset + b], out=mine)
         if self.cross is not None:
             ring.allreduce(self.cross, mine, reduce, segment, scratch)
-        if finish is not None:
-            finish(mine)
-        self._sync(window.win)
-        for q, (qa, qb) in enumerate(bounds):
+        return a, b
+
+    def _copy_peers(self, window: _Window, offset: int, count: int) -> None:
+        me = self.node.Get_rank()
+        for q, (a, b) in enumerate(ring.chunk_bounds(count, self.node.Get_size())):
             if q != me:
-                np.copyto(views[me][qa:qb], views[q][qa:qb])
-        self._sync(window.win)
+                np.copyto(window.peers[me][offset + a : offset + b], window.peers[q][offset + a : offset + b])
 
     def broadcast(self, window: _Window, offset: int, count: int, root: int) -> None:
         """Copy ``count`` elements at ``offset`` from rank ``root`` (of the whole communicator) to every rank.
