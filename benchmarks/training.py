@@ -26,6 +26,7 @@ from mpitrain.jobs import child_environment, init_gloo, mpiexec_command
 MODELS = {"mlp": (1024, 1024), "cnn": (64,)}
 INPUT = (1, 28, 28)
 CLASSES = 10
+FRAMEWORKS = ("mpitrain", "sharded", "ddp")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -39,9 +40,7 @@ def worker(args: argparse.Namespace) -> None:
     rng = np.random.default_rng([args.seed, world.Get_rank()])
     x = rng.standard_normal((args.batch, *INPUT), dtype=np.float32)
     y = rng.integers(0, CLASSES, args.batch)
-    step, breakdown, reset = (_mpitrain_step if args.framework == "mpitrain" else _ddp_step)(
-        args, world, nthreads, x, y
-    )
+    step, breakdown, reset = (_ddp_step if args.framework == "ddp" else _mpitrain_step)(args, world, nthreads, x, y)
     for _ in range(args.warmup):
         step()
     reset()
@@ -68,9 +67,9 @@ def _mpitrain_step(args, world, nthreads, x, y):
 
     comm = Communicator(world, checked=False)  # as python -m mpitrain train without --check-collectives
     model = build_model(args.model, INPUT, CLASSES, MODELS[args.model]).init_params(seed=0, allocate=comm.allocate)
-    dp = DataParallel(model, SGD(model.flat_params, model.flat_grads, 0.01, momentum=0.9), comm,
-                      bucket_bytes=int(args.bucket_mb * 2**20), overlap=not args.no_overlap,
-                      micro_batch=args.micro_batch)  # fmt: skip
+    optimizer = SGD(model.flat_params, model.flat_grads, 0.01, momentum=0.9, allocate=comm.allocate)
+    dp = DataParallel(model, optimizer, comm, bucket_bytes=int(args.bucket_mb * 2**20), overlap=not args.no_overlap,
+                      micro_batch=args.micro_batch, shard_optimizer=args.framework == "sharded")  # fmt: skip
     dp.broadcast_parameters()
 
     def breakdown() -> dict[str, float]:
@@ -111,13 +110,17 @@ def _ddp_step(args, world, nthreads, x, y):
 
 def driver(args: argparse.Namespace) -> int:
     """Start the worker jobs, print the table, write JSON and a plot; returns the exit status."""
-    frameworks = ["mpitrain"]
+    frameworks = args.frameworks.split(",")
+    unknown = set(frameworks) - set(FRAMEWORKS)
+    if unknown:
+        print(f"# unknown frameworks {sorted(unknown)}; expected some of {', '.join(FRAMEWORKS)}")
+        return 2
     try:
         import torch  # noqa: F401
-
-        frameworks.append("ddp")
     except ImportError:
-        print("# torch is not importable: PyTorch DDP is left out (pip install torch==2.13.0)")
+        if "ddp" in frameworks:
+            print("# torch is not importable: PyTorch DDP is left out (pip install torch==2.13.0)")
+            frameworks.remove("ddp")
     ranks = [int(r) for r in args.ranks.split(",")]
     records = []
     for model in args.models.split(","):
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="BLAS/torch threads per rank")
     parser.add_argument("--bucket-mb", type=float, default=1.0, help="mpitrain gradient bucket size")
     parser.add_argument("--no-overlap", action="store_true", help="mpitrain: all-reduce after backward")
+    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS),
+                        help="mpitrain (all-reduce), sharded (mpitrain --shard-optimizer), ddp")  # fmt: skip
     parser.add_argument("--micro-batch", type=int, default=0, help="mpitrain: samples per forward/backward (0: auto)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per worker job")
     parser.add_argument("--json", default=None)

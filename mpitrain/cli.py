@@ -127,6 +127,8 @@ def _train_parser(prog: str) -> _Parser:
     p.add_argument("--no-overlap", dest="overlap", action="store_false", help="all-reduce only after backward")
     p.add_argument("--compression", type=_compression, default=d.compression, help="none, fp16, bf16, topk:RATIO")
     p.add_argument("--accumulate", type=positive_int, default=d.accumulate, help="micro-batches per step")
+    p.add_argument("--shard-optimizer", action="store_true",
+                   help="reduce-scatter gradients, update own chunks, all-gather parameters")  # fmt: skip
     p.add_argument("--micro-batch", type=nonneg_int, default=d.micro_batch,
                    help="at most N samples per forward/backward (0: automatic, ~4 MiB of layer outputs)")  # fmt: skip
     p.add_argument("--nonfinite", choices=("abort", "skip"), default=d.nonfinite, help="NaN/Inf gradients")

@@ -10,6 +10,7 @@ block per buffer, allocated once.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,14 @@ class LRSchedule:
 class Optimizer:
     """Base: holds the flat buffers, the schedule and the step count."""
 
-    def __init__(self, params: Any, grads: Any, lr: float | LRSchedule, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Any,
+        grads: Any,
+        lr: float | LRSchedule,
+        weight_decay: float = 0.0,
+        allocate: Callable[[int, Any], Any] | None = None,
+    ) -> None:
         if params.shape != grads.shape or params.ndim != 1:
             raise ValueError(
                 f"params and grads must be flat buffers of one shape, got {params.shape} and {grads.shape}"
@@ -82,19 +90,26 @@ class Optimizer:
         self.weight_decay = float(weight_decay)
         self.steps = 0
         self.xp = array_module_of(params)
+        self._allocate = allocate or (lambda count, dtype: self.xp.zeros(count, dtype=dtype))
         self._scratch = self.xp.empty(min(BLOCK, params.size), params.dtype)
+
+    def _state_buffer(self) -> Any:
+        """A zeroed state buffer shaped like the parameters, from ``allocate``."""
+        return self._allocate(self.params.size, self.params.dtype)
 
     @property
     def lr(self) -> float:
         """Learning rate the next step will use."""
         return self.schedule(self.steps)
 
-    def step(self) -> None:
-        """Apply one update from the current gradients."""
+    def step(self, ranges: Sequence[tuple[int, int]] | None = None) -> None:
+        """Apply one update from the current gradients, to the (start, stop) ``ranges`` only if given
+        (a sharded optimizer: each rank updates its own part)."""
         lr = self.lr
-        for start in range(0, self.params.size, BLOCK):
-            part = slice(start, min(start + BLOCK, self.params.size))
-            self._update(lr, part, part.stop - part.start)
+        for first, last in [(0, self.params.size)] if ranges is None else ranges:
+            for start in range(first, last, BLOCK):
+                part = slice(start, min(start + BLOCK, last))
+                self._update(lr, part, part.stop - part.start)
         self.steps += 1
 
     def _update(self, lr: float, part: slice, n: int) -> None:
@@ -133,14 +148,15 @@ class SGD(Optimizer):
         momentum: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        allocate: Callable[[int, Any], Any] | None = None,
     ) -> None:
-        super().__init__(params, grads, lr, weight_decay)
+        super().__init__(params, grads, lr, weight_decay, allocate)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if nesterov and momentum == 0.0:
             raise ValueError("Nesterov momentum needs momentum > 0")
         self.momentum, self.nesterov = float(momentum), nesterov
-        self.buf = self.xp.zeros_like(params) if momentum else None
+        self.buf = self._state_buffer() if momentum else None
         self._step_dir = self.xp.empty_like(self._scratch)
 
     def _update(self, lr: float, part: slice, n: int) -> None:
@@ -188,15 +204,16 @@ class Adam(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        allocate: Callable[[int, Any], Any] | None = None,
     ) -> None:
-        super().__init__(params, grads, lr, weight_decay)
+        super().__init__(params, grads, lr, weight_decay, allocate)
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"Adam betas must be in [0, 1), got {betas}")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
-        self.m = self.xp.zeros_like(params)
-        self.v = self.xp.zeros_like(params)
+        self.m = self._state_buffer()
+        self.v = self._state_buffer()
         self._tmp = self.xp.empty_like(self._scratch)
 
     def _update(self, lr: float, part: slice, n: int) -> None:
@@ -244,12 +261,14 @@ def build_optimizer(
     momentum: float = 0.0,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    allocate: Callable[[int, Any], Any] | None = None,
 ) -> Optimizer:
-    """Optimizer by name ("sgd", "adam", "adamw") over the flat buffers."""
+    """Optimizer by name ("sgd", "adam", "adamw") over the flat buffers; ``allocate(count, dtype)``
+    gives its zeroed state buffers (default ``zeros``)."""
     if name == "sgd":
-        return SGD(params, grads, lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        return SGD(params, grads, lr, momentum, nesterov, weight_decay, allocate)
     if name == "adam":
-        return Adam(params, grads, lr, weight_decay=weight_decay)
+        return Adam(params, grads, lr, weight_decay=weight_decay, allocate=allocate)
     if name == "adamw":
-        return AdamW(params, grads, lr, weight_decay=weight_decay)
+        return AdamW(params, grads, lr, weight_decay=weight_decay, allocate=allocate)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")

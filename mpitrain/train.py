@@ -53,6 +53,7 @@ class TrainConfig:
     compression: str = "none"
     accumulate: int = 1
     micro_batch: int = 0
+    shard_optimizer: bool = False
     nonfinite: str = "abort"
     check_replicas_every: int = 100
     checkpoint_dir: str | None = None
@@ -127,6 +128,7 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
         momentum=config.momentum if config.optimizer == "sgd" else 0.0,
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
+        allocate=comm.allocate if xp is np else None,
     )
     with comm.agreement():
         if config.accumulate > config.batch_size:
@@ -142,6 +144,7 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
             accumulate=config.accumulate,
             nonfinite=config.nonfinite,
             micro_batch=config.micro_batch,
+            shard_optimizer=config.shard_optimizer,
         )
     dp.broadcast_parameters()
     leader = comm.rank == 0
@@ -253,6 +256,7 @@ def _identity(config: TrainConfig, model: Module) -> dict[str, Any]:
 
 def _save(config: TrainConfig, comm: Communicator, dp: DataParallel, position: Position) -> None:
     """Rank 0 writes a checkpoint of the whole training state (collective: gathers every rank's totals)."""
+    dp.consolidate_optimizer_state()
     totals = np.array(comm.allgather_object(position.totals.tolist()))
     rng_states = comm.comm.gather([m.rng.bit_generator.state for m in _dropouts(dp.model)], root=0)
     residual = getattr(dp.compressor, "residual", None)  # top-k error feedback: different on every rank

@@ -8,6 +8,7 @@ do their collectives first and assert afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -67,6 +68,12 @@ def run_mpitrain(
     command = mpiexec_command(ranks, sys.executable, "-m", "mpitrain", *args)
     environment = child_environment(timeout) | (extra_env or {})
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout + 10, check=False)
+
+
+def same_on_every_rank(x: np.ndarray) -> bool:
+    """Whether ``x`` holds the same bytes on every rank of the world (collective)."""
+    digests = WORLD.allgather(hashlib.sha256(x.tobytes()).hexdigest())
+    return len(set(digests)) == 1
 
 
 def rank_data(n: int, dtype: np.dtype, rank: int, seed: int = 0) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import tracemalloc
 
 import numpy as np
@@ -12,7 +11,7 @@ from mpi4py import MPI
 from mpitrain.comm import Communicator, Tuning, raised_on_all_ranks
 from mpitrain.comm.communicator import bf16_to_f32, f32_to_bf16
 from mpitrain.comm.ring import chunk_bounds
-from tests.conftest import WORLD, rank_data
+from tests.conftest import WORLD, rank_data, same_on_every_rank
 
 P = WORLD.Get_size()
 SIZES = sorted({0, 1, max(P - 1, 1), P + 1, 2 * P + 3, 1000, 262_147, 5_000_011})
@@ -35,11 +34,6 @@ def tolerance(x: np.ndarray) -> float:
     total = np.abs(x).astype(np.float64)
     WORLD.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
     return float((P + 1) * np.finfo(x.dtype).eps * total.max(initial=0.0))
-
-
-def same_on_every_rank(x: np.ndarray) -> bool:
-    digests = WORLD.allgather(hashlib.sha256(x.tobytes()).hexdigest())
-    return len(set(digests)) == 1
 
 
 def max_error(x: np.ndarray, expected: np.ndarray) -> float:

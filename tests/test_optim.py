@@ -135,3 +135,31 @@ def test_blocked_update_covers_every_element(name: str) -> None:
             g[0] = history[i]
             opt.step()
         assert params[0] == big[i]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_update_of_ranges_touches_only_them_and_equals_the_full_update(name: str) -> None:
+    n = 3 * BLOCK + 11
+    ranges = [(5, BLOCK + 7), (2 * BLOCK, 2 * BLOCK + 3), (3 * BLOCK, n)]  # block boundaries inside ranges
+    rng = np.random.default_rng(4)
+    start, grads = rng.standard_normal(n), rng.standard_normal(n)
+    whole, part = start.copy(), start.copy()
+    allocated = []
+
+    def allocate(count: int, dtype) -> np.ndarray:
+        allocated.append(np.zeros(count, dtype))
+        return allocated[-1]
+
+    full = build_optimizer(name, whole, grads.copy(), 0.01, momentum=0.9, weight_decay=0.01)
+    sharded = build_optimizer(name, part, grads.copy(), 0.01, momentum=0.9, weight_decay=0.01, allocate=allocate)
+    for _ in range(2):
+        full.step()
+        sharded.step(ranges)
+    inside = np.zeros(n, bool)
+    for a, b in ranges:
+        inside[a:b] = True
+    np.testing.assert_array_equal(part[inside], whole[inside])
+    np.testing.assert_array_equal(part[~inside], start[~inside])
+    # The optimizer's state lives in what allocate gave it.
+    state = [v for k, v in sharded.state_dict().items() if k != "steps"]
+    assert state and all(any(s is a for a in allocated) for s in state)

@@ -16,7 +16,7 @@ from mpitrain.optim import SGD
 from mpitrain.parallel import DataParallel
 from mpitrain.parallel.data_parallel import MICRO_BATCH_BYTES
 from mpitrain.train import TrainConfig, train
-from tests.conftest import WORLD
+from tests.conftest import WORLD, same_on_every_rank
 
 SMALL = {"epochs": 2, "progress": False, "dtype": "float64", "hidden": (32,)}
 
@@ -104,6 +104,45 @@ def test_accumulation_equals_a_k_times_larger_batch(comm: Communicator) -> None:
     accumulated = _train(comm, dtype="float64", batch_size=24, accumulate=3)
     whole = _train(comm, dtype="float64", batch_size=24)
     np.testing.assert_allclose(accumulated, whole, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+        {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.01, "hidden": (256, 32)},
+    ],
+)
+def test_sharded_optimizer_is_bit_identical_to_the_all_reduce(comm: Communicator, options: dict) -> None:
+    sharded = _train(comm, algorithm="shm", shard_optimizer=True, bucket_mb=0.05, **options)
+    whole = _train(comm, algorithm="shm", shard_optimizer=False, bucket_mb=0.05, **options)
+    np.testing.assert_array_equal(sharded, whole)
+    assert same_on_every_rank(sharded)
+
+
+@pytest.mark.mpi
+def test_sharded_optimizer_over_private_buffers_uses_the_ring(comm: Communicator) -> None:
+    results = []
+    x = np.random.default_rng(comm.rank).standard_normal((16, 64)).astype(np.float32)
+    y = np.arange(16) % 10
+    for shard in (True, False):
+        net = build_model("mlp", (64,), 10, (40,)).init_params(seed=2)  # private memory: no allocate
+        dp = DataParallel(net, SGD(net.flat_params, net.flat_grads, 0.1, momentum=0.9), comm, "ring",
+                          bucket_bytes=4096, shard_optimizer=shard)  # fmt: skip
+        assert dp.shard == ("ring" if shard else None)
+        for _ in range(3):
+            dp.train_step(x, y)
+        dp.consolidate_optimizer_state()
+        results.append((net.flat_params.copy(), dp.optimizer.buf.copy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])  # the consolidated state is whole
+    with pytest.raises(ValueError, match="uncompressed"):
+        DataParallel(net, dp.optimizer, comm, compression="fp16", shard_optimizer=True)
+    shared = build_model("mlp", (64,), 10, (40,)).init_params(allocate=comm.allocate)
+    sgd = SGD(shared.flat_params, shared.flat_grads, 0.1, momentum=0.9, allocate=comm.allocate)
+    assert DataParallel(shared, sgd, comm, shard_optimizer=True).shard == "shm"  # every buffer is node-shared
+    assert DataParallel(shared, sgd, comm).shard is None
 
 
 @pytest.mark.mpi

@@ -129,13 +129,14 @@ class Module:
         Values are drawn in forward order from ``numpy.random.default_rng(seed)``
         in float64 and then cast, so the same seed gives the same model on
         every rank and for every dtype. ``allocate(count, dtype)`` returns a
-        zeroed 1-D buffer for the flat gradients (for example memory that a
+        zeroed 1-D buffer for each flat buffer (for example memory that a
         collective can share); default ``xp.zeros``. Returns self.
         """
         params = self.parameters()
         total = sum(p.size for p in params)
-        self.flat_params = xp.zeros(total, dtype=dtype)
-        self.flat_grads = xp.zeros(total, dtype=dtype) if allocate is None else allocate(total, dtype)
+        allocate = allocate or (lambda count, kind: xp.zeros(count, dtype=kind))
+        self.flat_params = allocate(total, dtype)
+        self.flat_grads = allocate(total, dtype)
         offset = 0
         for p in reversed(params):  # reverse layer order: see the module docstring
             p.data = self.flat_params[offset : offset + p.size].reshape(p.shape)

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from mpitrain import backend
 from mpitrain.comm import Communicator, mark_all_ranks
 from mpitrain.comm.compress import build_compressor
@@ -108,6 +110,14 @@ class DataParallel:
             gradients were non-finite) or "skip" (no update on any rank,
             counted in ``skipped_steps``). Checked through sums, one pass
             over each bucket before and one right after its all-reduce.
+        shard_optimizer: reduce-scatter each bucket instead of all-reducing
+            it, update only the chunks this rank owns, then all-gather the
+            updated parameters (as ZeroRedundancyOptimizer, with the state
+            kept whole-sized): the optimizer's work is divided by the rank
+            count and the results are bit-identical to the unsharded path
+            with the same algorithm. Uses node-shared memory when the
+            parameters, gradients and optimizer state come from
+            ``comm.allocate``, else the ring. Not with compression.
 
     Attributes:
         timings: seconds spent per phase (forward, backward, allreduce_wait,
@@ -126,6 +136,7 @@ class DataParallel:
         accumulate: int = 1,
         nonfinite: str = "abort",
         micro_batch: int = 0,
+        shard_optimizer: bool = False,
     ) -> None:
         if optimizer.params is not model.flat_params or optimizer.grads is not model.flat_grads:
             raise ValueError("the optimizer must update the model's own flat_params and flat_grads")
@@ -145,6 +156,12 @@ class DataParallel:
         self._local_finite = self._averaged_finite = True
         self.loss_fn = SoftmaxCrossEntropy()
         self.compressor = build_compressor(compression, comm, model.flat_grads.size)
+        if shard_optimizer and compression != "none":
+            raise ValueError(f"shard_optimizer works with uncompressed gradients, not compression {compression!r}")
+        buffers = [model.flat_params, model.flat_grads, *optimizer.state_dict().values()]
+        shared = all(comm.shares(b) for b in buffers if getattr(b, "ndim", 0))
+        self.shard = ("shm" if shared else "ring") if shard_optimizer else None
+        self._owned: list[tuple[int, int]] = []
         self.buckets = plan_buckets(model, bucket_bytes)
         self.overlap = overlap
         self._ready = self._ready_offsets() if overlap and isinstance(model, Sequential) else None
@@ -163,7 +180,12 @@ class DataParallel:
         # A sum is NaN/Inf when any term is (it overflows only near the float's maximum). The averaged
         # bucket is checked while it is still in cache; it is bit-identical on every rank, so is the verdict.
         self._local_finite = self._local_finite and math.isfinite(float(grads[start:stop].sum()))
-        self.compressor.reduce_mean(self.comm, grads, start, stop, self.algorithm)
+        if self.shard is None:
+            self.compressor.reduce_mean(self.comm, grads, start, stop, self.algorithm)
+        else:  # only the owned chunk ends averaged
+            a, b = self.comm.reduce_scatter(grads[start:stop], op="mean", algorithm=self.shard)
+            start, stop = start + a, start + b
+            self._owned.append((start, stop))
         self._averaged_finite = self._averaged_finite and math.isfinite(float(grads[start:stop].sum()))
 
     def _submit_ready(self, layer: int) -> None:
@@ -200,6 +222,7 @@ class DataParallel:
         model, clock = self.model, time.perf_counter
         pieces = self.pieces(x)
         self._local_finite = self._averaged_finite = True
+        self._owned.clear()
         model.train()
         model.zero_grad()
         loss, correct, forward, backward = 0.0, 0, 0.0, 0.0
@@ -234,13 +257,29 @@ class DataParallel:
         else:
             for bucket in self.buckets:
                 self._reduce_bucket(*bucket)
+        if self.shard is not None:  # each rank saw its own chunks: agree on one verdict
+            verdict = self.comm.allreduce(np.array([self._averaged_finite], np.int64), op="min")
+            self._averaged_finite = bool(verdict[0])
         t3 = clock()
         if self._averaged_finite:
-            self.optimizer.step()
+            self.optimizer.step(self._owned if self.shard is not None else None)
         else:
             self._nonfinite()
-        self._record(forward, backward, t3 - t2, clock() - t3)
+        t4 = clock()
+        if self.shard is not None and self._averaged_finite:
+            for start, stop in self.buckets:
+                self.comm.allgather(self.model.flat_params[start:stop], algorithm=self.shard)
+        self._record(forward, backward, t3 - t2 + clock() - t4, t4 - t3)
         return loss, correct
+
+    def consolidate_optimizer_state(self) -> None:
+        """Make every rank's optimizer state whole (collective; a no-op unless sharded), e.g. for a checkpoint."""
+        if self.shard is None:
+            return
+        for state in self.optimizer.state_dict().values():
+            if getattr(state, "ndim", 0):
+                for start, stop in self.buckets:
+                    self.comm.allgather(state[start:stop], algorithm=self.shard)
 
     def _nonfinite(self) -> None:
         step = self.steps + 1
