@@ -112,9 +112,7 @@ class SharedBuffers:
         a, b = self._reduce_own(window, offset, count, reduce, segment, scratch)
         if finish is not None:
             finish(window.peers[self.node.Get_rank()][offset + a : offset + b])
-        self._sync(window.win)
-        self._copy_peers(window, offset, count)
-        self._sync(window.win)
+        self.allgather(window, offset, count)
 
     def reduce_scatter(
         self, window: _Window, offset: int, count: int, reduce: Callable[..., Any], segment: int, scratch: Any
