@@ -21,6 +21,10 @@ STAMP := build/.installed$(subst /,_,$(abspath $(PYTHON)))
 MPIEXEC = $$(if [ -x $(PYBIN)mpiexec ]; then echo $(PYBIN)mpiexec; else command -v mpiexec; fi)
 # Open MPI needs --oversubscribe for more ranks than cores; MPICH oversubscribes as it is.
 MPIRUN = $(MPIEXEC) $$($(MPIEXEC) --version 2>&1 | grep -q "Open MPI" && echo --oversubscribe --timeout $(TEST_TIMEOUT)) -n
+# Training jobs: under MPICH's Hydra the survivors' watchdogs name a rank that died, instead of
+# the launcher killing them first (-disable-auto-cleanup); Open MPI names the rank itself.
+TRAINRUN = $(MPIEXEC) $$($(MPIEXEC) --version 2>&1 | grep -q HYDRA && echo -disable-auto-cleanup; \
+	$(MPIEXEC) --version 2>&1 | grep -q "Open MPI" && echo --oversubscribe) -n
 # Open MPI refuses to run as root without these; MPICH ignores them.
 export OMPI_ALLOW_RUN_AS_ROOT = 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
@@ -41,7 +45,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@mkdir -p build && touch $@
 
 train: install
-	$(MPIRUN) $(NP) $(PYTHON) -m mpitrain train $(ARGS)
+	$(TRAINRUN) $(NP) $(PYTHON) -m mpitrain train $(ARGS)
 
 lint: install
 	$(PYTHON) -m ruff check mpitrain benchmarks tests
