@@ -36,6 +36,7 @@ def config(folder: str, **options) -> TrainConfig:
         {},
         {"optimizer": "adamw", "lr": 0.003, "schedule": "cosine", "warmup_steps": 5, "compression": "topk:0.2"},
         {"dropout": 0.3},  # the masks' random streams are part of the checkpoint
+        {"optimizer": "adamw", "lr": 0.003, "shard_optimizer": True},  # the state is consolidated for the checkpoint
     ],
 )
 def test_resume_mid_epoch_is_bit_identical(comm: Communicator, tmp_path, options: dict) -> None:
@@ -69,19 +70,20 @@ def test_resume_on_another_world_size_carries_parameters(comm: Communicator, tmp
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("shard", [False, True])
 @pytest.mark.parametrize("policy", ["abort", "skip"])
-def test_nonfinite_gradients(comm: Communicator, monkeypatch, policy: str) -> None:
+def test_nonfinite_gradients(comm: Communicator, monkeypatch, policy: str, shard: bool) -> None:
     culprit = comm.size - 1
     monkeypatch.setenv(faults.VARIABLE, f"nan:{culprit}:3")
     faults.planned.cache_clear()
     try:
         if policy == "abort":
             with pytest.raises(FloatingPointError) as info:
-                train(config(None, nonfinite="abort"), comm)
+                train(config(None, nonfinite="abort", shard_optimizer=shard), comm)
             assert "step 3: non-finite gradients" in str(info.value) and f"ranks [{culprit}]" in str(info.value)
             assert raised_on_all_ranks(info.value)
         else:
-            result = train(config(None, nonfinite="skip", epochs=1), comm)
+            result = train(config(None, nonfinite="skip", epochs=1, shard_optimizer=shard), comm)
             assert result.history[-1]["skipped_steps"] == 1
             assert np.isfinite(result.model.flat_params).all()
     finally:
