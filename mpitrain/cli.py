@@ -19,6 +19,7 @@ from mpi4py import MPI
 from mpitrain import backend, faults, threads
 from mpitrain.comm import Communicator, Tuning, mark_all_ranks, raised_on_all_ranks
 from mpitrain.comm.communicator import ALLREDUCE_ALGORITHMS
+from mpitrain.comm.watchdog import abort_job
 from mpitrain.nn import MODELS
 from mpitrain.optim import OPTIMIZERS, SCHEDULES
 from mpitrain.train import TrainConfig, train
@@ -265,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_ERROR
         # Raised on this rank alone: the others may be waiting on it, so end the whole job.
         print(f"[rank {rank}] unexpected error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        MPI.COMM_WORLD.Abort(EXIT_ERROR)
+        abort_job(EXIT_ERROR)
     return 0
 
 

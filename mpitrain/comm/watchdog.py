@@ -33,6 +33,14 @@ from mpi4py import MPI
 EXIT_TIMEOUT = 3  # a watched region outlived the timeout
 EXIT_PEER_EXITED = 4  # a node peer exited before finishing
 ENTERED, FINISHED = 0, 1  # the slots of a rank's node-shared progress array
+GRACE = 1.0  # seconds between a rank's last message and its abort
+
+
+def abort_job(code: int, grace: float = GRACE, abort: Callable[[int], None] | None = None) -> None:
+    """End the whole job with ``code`` after ``grace`` seconds: the launcher forwards output
+    asynchronously, and an immediate MPI_Abort can lose what this rank just printed."""
+    time.sleep(grace)
+    (abort or MPI.COMM_WORLD.Abort)(code)
 
 
 class Peer(NamedTuple):
@@ -65,7 +73,7 @@ class Watchdog:
         progress: np.ndarray | None = None,
         peers: list[Peer] | None = None,
         abort: Callable[[int], None] | None = None,
-        grace: float = 1.0,
+        grace: float = GRACE,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
@@ -149,6 +157,4 @@ class Watchdog:
             self.progress[FINISHED] = 1  # this rank's own exit is the abort, not news for its peers
         sys.stderr.write(self.fired + "; aborting the job\n")  # one write: lines of ranks do not interleave
         sys.stderr.flush()
-        # The launcher forwards output asynchronously; an immediate abort can lose the message.
-        time.sleep(self.grace)
-        self.abort(code)
+        abort_job(code, self.grace, self.abort)

@@ -24,7 +24,7 @@ import numpy as np
 from mpitrain import backend
 from mpitrain.comm import Communicator, mark_all_ranks
 from mpitrain.comm.compress import build_compressor
-from mpitrain.nn import Module, Sequential, SoftmaxCrossEntropy
+from mpitrain.nn import Dropout, Module, Sequential, SoftmaxCrossEntropy
 from mpitrain.optim import Optimizer
 
 DEFAULT_BUCKET_BYTES = 1 << 20
@@ -108,8 +108,9 @@ class DataParallel:
         nonfinite: what a NaN/Inf in the averaged gradients does: "abort"
             (raise on every rank, naming the step and the ranks whose local
             gradients were non-finite) or "skip" (no update on any rank,
-            counted in ``skipped_steps``). Checked through sums, one pass
-            over each bucket before and one right after its all-reduce.
+            counted in ``skipped_steps``). Checked through a sum of each
+            bucket right after its reduction; the local gradients of an
+            aborted step are recomputed to name the ranks.
         shard_optimizer: reduce-scatter each bucket instead of all-reducing
             it, update only the chunks this rank owns, then all-gather the
             updated parameters (as ZeroRedundancyOptimizer, with the state
@@ -153,7 +154,8 @@ class DataParallel:
         self.accumulate, self.nonfinite, self.micro_batch = accumulate, nonfinite, micro_batch
         self._auto_micro: dict[tuple[int, ...], int] = {}
         self.skipped_steps = 0
-        self._local_finite = self._averaged_finite = True
+        self._averaged_finite = True
+        self._dropouts = [layer for layer in model.modules() if isinstance(layer, Dropout)]
         self.loss_fn = SoftmaxCrossEntropy()
         self.compressor = build_compressor(compression, comm, model.flat_grads.size)
         if shard_optimizer and compression != "none":
@@ -179,7 +181,7 @@ class DataParallel:
         grads = self.model.flat_grads
         # A sum is NaN/Inf when any term is (it overflows only near the float's maximum). The averaged
         # bucket is checked while it is still in cache; it is bit-identical on every rank, so is the verdict.
-        self._local_finite = self._local_finite and math.isfinite(float(grads[start:stop].sum()))
+        # (Which ranks' local gradients were non-finite is found only when needed, by replaying the step.)
         if self.shard is None:
             self.compressor.reduce_mean(self.comm, grads, start, stop, self.algorithm)
         else:  # only the owned chunk ends averaged
@@ -219,36 +221,11 @@ class DataParallel:
         """
         if len(y) < self.accumulate:
             raise ValueError(f"a batch of {len(y)} cannot be cut into {self.accumulate} micro-batches")
-        model, clock = self.model, time.perf_counter
-        pieces = self.pieces(x)
-        self._local_finite = self._averaged_finite = True
+        clock = time.perf_counter
+        self._averaged_finite = True
         self._owned.clear()
-        model.train()
-        model.zero_grad()
-        loss, correct, forward, backward = 0.0, 0, 0.0, 0.0
-        bounds = [len(y) * i // pieces for i in range(pieces + 1)]
-        for i in range(pieces):
-            xm, ym = x[bounds[i] : bounds[i + 1]], y[bounds[i] : bounds[i + 1]]
-            t0 = clock()
-            logits = model.forward(xm)
-            weight = len(ym) / len(y)
-            loss += weight * self.loss_fn.forward(logits, ym)
-            correct += int((logits.argmax(axis=1) == ym).sum())
-            grad = self.loss_fn.backward()
-            if pieces > 1:
-                grad *= weight
-            t1 = clock()
-            last = i == pieces - 1
-            if last and self._ready is not None:
-                self._next_bucket = 0
-                model.after_backward = self._submit_ready
-            try:
-                model.backward(grad)
-            finally:
-                if last and self._ready is not None:
-                    model.after_backward = None
-            backend.synchronize(model.xp)
-            forward, backward = forward + t1 - t0, backward + clock() - t1
+        streams = [layer.rng.bit_generator.state for layer in self._dropouts]  # to replay this step's masks
+        loss, correct, forward, backward = self._local_gradients(x, y, overlap=self._ready is not None)
         t2 = clock()
         if self._worker is not None:
             for bucket in self.buckets[self._next_bucket if self._ready is not None else 0 :]:
@@ -264,13 +241,46 @@ class DataParallel:
         if self._averaged_finite:
             self.optimizer.step(self._owned if self.shard is not None else None)
         else:
-            self._nonfinite()
+            self._nonfinite(x, y, streams)
         t4 = clock()
         if self.shard is not None and self._averaged_finite:
             for start, stop in self.buckets:
                 self.comm.allgather(self.model.flat_params[start:stop], algorithm=self.shard)
         self._record(forward, backward, t3 - t2 + clock() - t4, t4 - t3)
         return loss, correct
+
+    def _local_gradients(self, x: Any, y: Any, overlap: bool) -> tuple[float, int, float, float]:
+        """Forward and backward over the micro-batches into the zeroed flat gradients; with ``overlap``
+        the last backward hands each finished bucket to the worker. Returns (loss, correct, seconds of
+        forward, seconds of backward)."""
+        model, clock, pieces = self.model, time.perf_counter, self.pieces(x)
+        model.train()
+        model.zero_grad()
+        loss, correct, forward, backward = 0.0, 0, 0.0, 0.0
+        bounds = [len(y) * i // pieces for i in range(pieces + 1)]
+        for i in range(pieces):
+            xm, ym = x[bounds[i] : bounds[i + 1]], y[bounds[i] : bounds[i + 1]]
+            t0 = clock()
+            logits = model.forward(xm)
+            weight = len(ym) / len(y)
+            loss += weight * self.loss_fn.forward(logits, ym)
+            correct += int((logits.argmax(axis=1) == ym).sum())
+            grad = self.loss_fn.backward()
+            if pieces > 1:
+                grad *= weight
+            t1 = clock()
+            hooked = overlap and i == pieces - 1
+            if hooked:
+                self._next_bucket = 0
+                model.after_backward = self._submit_ready
+            try:
+                model.backward(grad)
+            finally:
+                if hooked:
+                    model.after_backward = None
+            backend.synchronize(model.xp)
+            forward, backward = forward + t1 - t0, backward + clock() - t1
+        return loss, correct, forward, backward
 
     def consolidate_optimizer_state(self) -> None:
         """Make every rank's optimizer state whole (collective; a no-op unless sharded), e.g. for a checkpoint."""
@@ -281,12 +291,17 @@ class DataParallel:
                 for start, stop in self.buckets:
                     self.comm.allgather(state[start:stop], algorithm=self.shard)
 
-    def _nonfinite(self) -> None:
+    def _nonfinite(self, x: Any, y: Any, streams: list[dict]) -> None:
         step = self.steps + 1
         if self.nonfinite == "skip":
             self.skipped_steps += 1
             return
-        local = self.comm.allgather_object(self._local_finite)
+        # The all-reduce consumed the local gradients: replay this step's forward and backward (same
+        # parameters, data and dropout masks, so the same local gradients) to name the ranks they came from.
+        for layer, state in zip(self._dropouts, streams, strict=True):
+            layer.rng.bit_generator.state = state
+        self._local_gradients(x, y, overlap=False)
+        local = self.comm.allgather_object(math.isfinite(float(self.model.flat_grads.sum())))
         culprits = [rank for rank, ok in enumerate(local) if not ok]
         raise mark_all_ranks(
             FloatingPointError(
