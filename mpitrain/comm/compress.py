@@ -3,8 +3,12 @@
 Each compressor averages ``grads[start:stop]`` over the ranks in place,
 sending fewer bytes than the float32 values:
 
-- ``fp16``: cast to float16 (half the bytes), reduce (in float32 arithmetic
-  per hop), cast back.
+- ``fp16``: scale by a power of two so that the largest magnitude on any
+  rank, times the rank count, sits just under float16's maximum; cast to
+  float16 (half the bytes), reduce (in float32 arithmetic per hop), cast
+  back and unscale. Small gradients then stay normal float16 numbers
+  instead of subnormals, which lose precision and which numpy converts
+  slowly (17k values near 1e-6: 1.0 ms to cast, against 0.05 ms).
 - ``bf16``: keep the upper 16 bits of each float32 (bfloat16, emulated on
   numpy by truncation), reduce in float32 arithmetic, widen back.
 - ``topk:RATIO``: each rank sends only the largest RATIO of its entries
@@ -49,15 +53,25 @@ class CastCompressor(Compressor):
 
     def reduce_mean(self, comm: Communicator, grads: np.ndarray, start: int, stop: int, algorithm: str) -> None:
         wire, values = self.wire[start:stop], grads[start:stop]
-        if self.name == "fp16":
-            np.copyto(wire, values, casting="same_kind")
-        else:
+        if self.name == "bf16":
             f32_to_bf16(values, wire)
-        comm.allreduce(wire, op="mean", algorithm=algorithm)
-        if self.name == "fp16":
-            np.copyto(values, wire)
-        else:
+            comm.allreduce(wire, op="mean", algorithm=algorithm)
             np.copyto(values, bf16_to_f32(wire))
+            return
+        scale = self._scale(comm, values)
+        np.multiply(values, scale, out=wire, casting="same_kind")
+        comm.allreduce(wire, op="mean", algorithm=algorithm)
+        np.multiply(wire, np.float32(1.0 / scale), out=values)  # exact: scale is a power of two
+
+    @staticmethod
+    def _scale(comm: Communicator, values: np.ndarray) -> float:
+        """The power of two that brings the largest magnitude on any rank to at most 65504 / ranks
+        (so the float32 sum of the float16 values cannot overflow); 1 for zeros, NaN or Inf."""
+        peak = np.array([max(float(values.max(initial=0.0)), -float(values.min(initial=0.0)))])
+        comm.allreduce(peak, op="max")
+        if not 0.0 < peak[0] < math.inf:
+            return 1.0
+        return 2.0 ** math.floor(math.log2(np.finfo(np.float16).max / (comm.size * peak[0])))
 
     def wire_bytes(self, count: int, size: int) -> int:
         return 2 * count
