@@ -281,6 +281,8 @@ def test_bad_buffer_on_one_rank_raises_on_every_rank(comm: Communicator) -> None
     _raises_everywhere(lambda: comm.allreduce(good.copy(), algorithm="shm"), ValueError, "Communicator.allocate")
     _raises_everywhere(lambda: comm.broadcast(good.copy(), algorithm="shm"), ValueError, "Communicator.allocate")
     _raises_everywhere(lambda: comm.reduce_scatter(good.copy(), algorithm="tree"), ValueError, "unknown algorithm")
+    _raises_everywhere(lambda: comm.reduce_scatter(good.copy(), algorithm="shm"), ValueError, "Communicator.allocate")
+    _raises_everywhere(lambda: comm.allgather(good.copy(), algorithm="shm"), ValueError, "Communicator.allocate")
     _raises_everywhere(lambda: comm.allgather(np.zeros(12)[::2]), ValueError, "C-contiguous")
     _raises_everywhere(lambda: comm.broadcast(good.copy(), root=comm.size), ValueError, "outside [0,")
 
