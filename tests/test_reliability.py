@@ -14,7 +14,7 @@ from mpi4py import MPI
 
 from mpitrain import checkpoint, faults
 from mpitrain.comm import Communicator, raised_on_all_ranks
-from mpitrain.comm.watchdog import EXIT_PEER_EXITED, EXIT_TIMEOUT, FINISHED, Peer, Watchdog
+from mpitrain.comm.watchdog import EXIT_PEER_EXITED, EXIT_TIMEOUT, FINISHED, Peer, Watchdog, process_start
 from mpitrain.train import TrainConfig, train
 from tests.conftest import WORLD, run_mpitrain
 
@@ -118,17 +118,20 @@ def test_watchdog_reports_what_it_waited_in_and_aborts() -> None:
         Watchdog(0, 0)
 
 
-@pytest.mark.parametrize("finished", [False, True])
-def test_watchdog_names_a_peer_that_exits_unfinished(finished: bool) -> None:
+@pytest.mark.parametrize("case", ["unfinished", "finished", "another process"])
+def test_watchdog_names_a_peer_that_exits_unfinished(case: str) -> None:
     if not hasattr(os, "pidfd_open"):
         pytest.skip("no pidfds on this platform")
     codes: list[int] = []
     progress = [np.zeros(2, np.int64) for _ in range(2)]
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    finished = case != "unfinished"  # the third case is not the rank's process: nothing to report either
+    # "another process": the pid as seen here started at another time (another process, or another pid namespace).
+    start = process_start(peer.pid) + (1 if case == "another process" else 0)
     try:
-        peers = [Peer(0, progress[0], os.getpid()), Peer(1, progress[1], peer.pid)]
+        peers = [Peer(0, progress[0], os.getpid(), process_start()), Peer(1, progress[1], peer.pid, start)]
         dog = Watchdog(0, 60, progress[0], peers, abort=codes.append, grace=0)
-        progress[1][FINISHED] = int(finished)
+        progress[1][FINISHED] = int(case == "finished")
         peer.kill()
         peer.wait()
         deadline = time.monotonic() + (1 if finished else 10)

@@ -30,7 +30,7 @@ from mpitrain.comm.checks import (
 )
 from mpitrain.comm.shm import SharedBuffers
 from mpitrain.comm.tuning import Tuning
-from mpitrain.comm.watchdog import Peer, Watchdog
+from mpitrain.comm.watchdog import Peer, Watchdog, process_start
 
 UFUNCS = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
 NATIVE_OPS = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -127,9 +127,9 @@ class Communicator:
         if self.shared is None:
             return None, []
         progress = self.shared.allocate(2, np.int64)
-        members = self.shared.node.allgather((self.rank, os.getpid()))
+        members = self.shared.node.allgather((self.rank, os.getpid(), process_start()))
         arrays = self.shared.windows[-1].peers
-        return progress, [Peer(rank, array, pid) for (rank, pid), array in zip(members, arrays, strict=True)]
+        return progress, [Peer(*member[:1], array, *member[1:]) for member, array in zip(members, arrays, strict=True)]
 
     def _shared_buffers(self, node_size: int | None) -> SharedBuffers | None:
         if node_size is None:

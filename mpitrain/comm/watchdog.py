@@ -43,12 +43,28 @@ def abort_job(code: int, grace: float = GRACE, abort: Callable[[int], None] | No
     (abort or MPI.COMM_WORLD.Abort)(code)
 
 
+def process_start(pid: int | str = "self") -> int | None:
+    """A process's start time (clock ticks after boot, from /proc), or None where it cannot be read.
+
+    With the pid it tells one process from another that got the same pid,
+    or from the pid's meaning in another pid namespace (ranks in separate
+    containers that share memory).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+        return int(text[text.rindex(")") + 2 :].split()[19])  # field 22; the name before it may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Peer(NamedTuple):
     """A rank of this node as the watchdog sees it."""
 
     rank: int
     progress: np.ndarray  # node-shared: [last collective entered, 1 once the rank finished cleanly]
     pid: int | None = None
+    start: int | None = None  # ``process_start`` as the rank itself read it
 
 
 class Watchdog:
@@ -86,9 +102,9 @@ class Watchdog:
         self.fired: str | None = None
         self.stopped = False
         threading.Thread(target=self._run, name="mpitrain-watchdog", daemon=True).start()
-        others = [peer for peer in self.peers if peer.rank != rank and peer.pid is not None]
-        if others and hasattr(os, "pidfd_open"):
-            threading.Thread(target=self._watch_exits, args=(others,), name="mpitrain-peers", daemon=True).start()
+        watched = self._open_peers()  # here, not in the thread: a death right after this is not missed
+        if watched:
+            threading.Thread(target=self._watch_exits, args=(watched,), name="mpitrain-peers", daemon=True).start()
         atexit.register(self.stop)
 
     def stop(self) -> None:
@@ -121,15 +137,28 @@ class Watchdog:
             if late:
                 self._late(max(late, key=lambda entry: entry[2]))  # the innermost late region
 
-    def _watch_exits(self, peers: list[Peer]) -> None:
-        """Wait until a peer's process exits; unless it had finished cleanly, name it and abort."""
-        poll, by_fd = select.poll(), {}
-        for peer in peers:
+    def _open_peers(self) -> dict[int, Peer]:
+        """A pidfd for every other rank of this node whose process this rank can see (Linux), by fd."""
+        by_fd: dict[int, Peer] = {}
+        if not hasattr(os, "pidfd_open"):
+            return by_fd
+        for peer in self.peers:
+            if peer.rank == self.rank or peer.pid is None:
+                continue
             try:
                 fd = os.pidfd_open(peer.pid)
             except OSError:  # gone already, or pidfds unsupported: the timeout still covers it
                 continue
+            if peer.start is None or process_start(peer.pid) != peer.start:
+                os.close(fd)  # not the peer's process as this rank sees pids: leave it to the timeout
+                continue
             by_fd[fd] = peer
+        return by_fd
+
+    def _watch_exits(self, by_fd: dict[int, Peer]) -> None:
+        """Wait until a peer's process exits; unless it had finished cleanly, name it and abort."""
+        poll = select.poll()
+        for fd in by_fd:
             poll.register(fd, select.POLLIN)
         while by_fd and not self.stopped and self.fired is None:
             for fd, _ in poll.poll():
