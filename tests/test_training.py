@@ -14,7 +14,7 @@ from mpitrain.data import ShardedBatches
 from mpitrain.nn import build_model
 from mpitrain.optim import SGD
 from mpitrain.parallel import DataParallel
-from mpitrain.parallel.data_parallel import MICRO_BATCH_BYTES
+from mpitrain.parallel.data_parallel import MICRO_BATCH_BYTES, _finite
 from mpitrain.train import TrainConfig, train
 from tests.conftest import WORLD, same_on_every_rank
 
@@ -203,6 +203,16 @@ def test_compressed_allreduce_round_trip(comm: Communicator, compression: str, s
         kept = grads != 0
         assert kept.sum() <= 250 * comm.size
     assert identical
+
+
+def test_finiteness_check() -> None:
+    values = np.ones(1000, np.float32)
+    assert _finite(values)
+    values[7] = 1e20  # finite, though its square overflows float32
+    assert _finite(values)
+    for bad in (np.nan, np.inf, -np.inf):
+        values[500] = bad
+        assert not _finite(values)
 
 
 def test_bad_compression_and_accumulation_values() -> None:
