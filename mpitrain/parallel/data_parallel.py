@@ -253,8 +253,7 @@ class DataParallel:
             self._nonfinite(x, y, streams)
         t4 = clock()
         if self.shard is not None and self._averaged_finite:
-            for start, stop in self.buckets:
-                self.comm.allgather(self.model.flat_params[start:stop], algorithm=self.shard)
+            self._share_owned(self.model.flat_params)
         self._record(forward, backward, t3 - t2 + clock() - t4, t4 - t3)
         return loss, correct
 
@@ -297,8 +296,12 @@ class DataParallel:
             return
         for state in self.optimizer.state_dict().values():
             if getattr(state, "ndim", 0):
-                for start, stop in self.buckets:
-                    self.comm.allgather(state[start:stop], algorithm=self.shard)
+                self._share_owned(state)
+
+    def _share_owned(self, buffer: Any) -> None:
+        """All-gather ``buffer`` bucket by bucket: every rank's owned chunks reach every rank."""
+        for start, stop in self.buckets:
+            self.comm.allgather(buffer[start:stop], algorithm=self.shard)
 
     def _nonfinite(self, x: Any, y: Any, streams: list[dict]) -> None:
         step = self.steps + 1
