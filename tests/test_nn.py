@@ -68,6 +68,9 @@ def random(*shape: int) -> np.ndarray:
         (lambda: Conv2d(2, 3, 3, stride=2, padding=1), (2, 2, 7, 5)),
         (lambda: Conv2d(1, 2, 2, stride=1, padding=2), (1, 1, 3, 3)),
         (lambda: Conv2d(8, 3, 3, padding=1), (2, 8, 4, 3)),  # 72 im2col rows: the pixel-rows product
+        (lambda: Conv2d(1, 2, 3, stride=2, padding=2), (2, 1, 7, 6)),  # per-sample products throughout
+        (lambda: Conv2d(4, 2, 3, padding=1), (2, 4, 7, 7)),  # per-sample forward, batch-wide backward
+        (lambda: Conv2d(4, 2, 3, stride=2, padding=1), (2, 4, 6, 5)),  # batch-wide throughout, strided
         (lambda: MaxPool2d(2), (2, 3, 4, 6)),
         (lambda: MaxPool2d(3, stride=2), (2, 2, 7, 7)),
         (lambda: MaxPool2d(2), (1, 2, 5, 5)),
@@ -83,6 +86,47 @@ def test_layer_gradients(module, shape) -> None:
     if isinstance(module(), ReLU):
         x[np.abs(x) < 1e-3] = 0.5  # keep away from the kink
     check_module(module(), x)
+
+
+def direct_convolution(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int, padding: int) -> np.ndarray:
+    """Cross-correlation, one output pixel at a time, on an explicitly padded input."""
+    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    k = weight.shape[2]
+    oh, ow = (padded.shape[2] - k) // stride + 1, (padded.shape[3] - k) // stride + 1
+    out = np.empty((x.shape[0], weight.shape[0], oh, ow))
+    for y in range(oh):
+        for x_ in range(ow):
+            patch = padded[:, :, y * stride : y * stride + k, x_ * stride : x_ * stride + k]
+            out[:, :, y, x_] = np.tensordot(patch, weight, axes=([1, 2, 3], [1, 2, 3])) + bias
+    return out
+
+
+@pytest.mark.parametrize(
+    "channels,out_channels,kernel,stride,padding,sizes",
+    [
+        (1, 4, 3, 1, 1, [9, 9]),  # per-sample products
+        (5, 3, 3, 1, 1, [6, 6]),  # 45 rows: batch-wide backward
+        (3, 2, 3, 2, 1, [14, 13, 14]),  # 13 and 14 give the same output size: padding must stay zero
+        (2, 3, 2, 3, 2, [8, 7]),
+        (8, 2, 3, 1, 0, [4, 5]),  # 72 rows, fewer pixels: the pixel-rows product
+    ],
+)
+def test_convolution_matches_a_direct_one_across_input_sizes(
+    channels: int, out_channels: int, kernel: int, stride: int, padding: int, sizes: list[int]
+) -> None:
+    layer = Conv2d(channels, out_channels, kernel, stride=stride, padding=padding).init_params(seed=4, dtype=np.float64)
+    layer.bias.data[...] = np.arange(out_channels) / 10
+    for size in sizes:
+        x = np.random.default_rng(size).standard_normal((3, channels, size, size))
+        np.testing.assert_allclose(
+            layer.forward(x), direct_convolution(x, layer.weight.data, layer.bias.data, stride, padding), atol=1e-12
+        )
+        fresh = Conv2d(channels, out_channels, kernel, stride=stride, padding=padding).init_params(dtype=np.float64)
+        fresh.flat_params[...] = layer.flat_params
+        grad = np.random.default_rng(size + 1).standard_normal(fresh.forward(x).shape)
+        layer.zero_grad()
+        np.testing.assert_array_equal(layer.backward(grad), fresh.backward(grad))
+        np.testing.assert_array_equal(layer.flat_grads, fresh.flat_grads)
 
 
 def test_dropout_gradient_and_eval() -> None:
