@@ -142,6 +142,58 @@ def test_shared_memory_reduce_scatter_then_allgather(node_size: int | None, op: 
     assert all(ok), ok
 
 
+def recorder(buf: np.ndarray) -> tuple:
+    """An ``inspect`` callback for ``buf``, and how often it saw each element and the values it saw."""
+    seen, values = np.zeros(buf.size, np.int64), np.full(buf.size, np.nan)
+    base = buf.__array_interface__["data"][0]
+
+    def inspect(part: np.ndarray) -> None:
+        first = (part.__array_interface__["data"][0] - base) // buf.itemsize
+        seen[first : first + part.size] += 1
+        values[first : first + part.size] = part
+
+    return inspect, seen, values
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("node_size", [None, 2])
+@pytest.mark.parametrize("algorithm", ["ring", "doubling", "shm", "native"])
+def test_allreduce_inspects_every_final_value(node_size: int | None, algorithm: str) -> None:
+    if node_size is not None and P % node_size:
+        pytest.skip("the fake nodes need a rank count divisible by their size")
+    comm = Communicator(node_size=node_size, tuning=Tuning(segment_bytes=2048))
+    # ring and shm: each element by the rank that finishes it (shm: one per node); others: every rank, whole.
+    times = {"ring": 1, "shm": P // (node_size or P), "doubling": P, "native": P}[algorithm]
+    ok = []
+    for n in (1, P + 1, 10_001):
+        x = comm.allocate(n, np.float64)
+        x[...] = rank_data(n, np.float64, comm.rank, seed=17)
+        inspect, seen, values = recorder(x)
+        comm.allreduce(x, op="mean", algorithm=algorithm, inspect=inspect)
+        total = seen.copy()
+        WORLD.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+        ok.append(bool((total == times).all()) and np.array_equal(values[seen > 0], x[seen > 0]))
+    comm.free()
+    assert all(ok), ok
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["ring", "shm", "native"])
+def test_reduce_scatter_inspects_the_owned_chunk(algorithm: str) -> None:
+    comm = Communicator(tuning=Tuning(segment_bytes=2048))
+    ok = []
+    for n in (1, P + 1, 10_001):
+        x = comm.allocate(n, np.float64)
+        x[...] = rank_data(n, np.float64, comm.rank, seed=19)
+        inspect, seen, values = recorder(x)
+        start, stop = comm.reduce_scatter(x, op="mean", algorithm=algorithm, inspect=inspect)
+        owned = np.zeros(n, bool)
+        owned[start:stop] = True
+        ok.append(np.array_equal(seen, owned.astype(np.int64)) and np.array_equal(values[owned], x[owned]))
+    comm.free()
+    assert all(ok), ok
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_allgather_collects_each_ranks_chunk(comm: Communicator, dtype: type) -> None:

@@ -71,13 +71,23 @@ def reducer(op: str, dtype: np.dtype) -> Callable[..., Any]:
     return ufunc
 
 
-def finisher(op: str, dtype: np.dtype, size: int) -> Callable[[np.ndarray], None] | None:
-    """What to do to each fully reduced chunk: divide by the world size for "mean", else nothing."""
-    if op != "mean":
-        return None
-    if dtype == np.uint16:
-        return lambda chunk: f32_to_bf16(bf16_to_f32(chunk) / size, chunk)
-    return lambda chunk: np.divide(chunk, size, out=chunk)
+def finisher(
+    op: str, dtype: np.dtype, size: int, inspect: Callable[[np.ndarray], None] | None = None
+) -> Callable[[np.ndarray], None] | None:
+    """What to do to each fully reduced chunk: divide by the world size for "mean", then ``inspect`` it."""
+    divide: Callable[[np.ndarray], Any] | None = None
+    if op == "mean" and dtype == np.uint16:
+        divide = lambda chunk: f32_to_bf16(bf16_to_f32(chunk) / size, chunk)  # noqa: E731
+    elif op == "mean":
+        divide = lambda chunk: np.divide(chunk, size, out=chunk)  # noqa: E731
+    if divide is None or inspect is None:
+        return divide or inspect
+
+    def finish(chunk: np.ndarray) -> None:
+        divide(chunk)
+        inspect(chunk)
+
+    return finish
 
 
 class Communicator:
@@ -170,7 +180,13 @@ class Communicator:
             return np.zeros(count, dtype=dtype)
         return self.shared.allocate(count, dtype)
 
-    def allreduce(self, buf: np.ndarray, op: str = "sum", algorithm: str = "auto") -> np.ndarray:
+    def allreduce(
+        self,
+        buf: np.ndarray,
+        op: str = "sum",
+        algorithm: str = "auto",
+        inspect: Callable[[np.ndarray], None] | None = None,
+    ) -> np.ndarray:
         """Reduce ``buf`` over all ranks, in place, and return it.
 
         Contract: same length, dtype, op and algorithm on every rank; for
@@ -181,7 +197,11 @@ class Communicator:
         across nodes), "native" (MPI's in-place Allreduce), or "auto":
         native below ``tuning.allreduce_small_bytes``, else shm for shared
         buffers, else ring (16-bit types never go to native). Every algorithm but native gives bit-identical
-        results on every rank.
+        results on every rank. ``inspect`` (for example a finiteness check)
+        is called with final values before other ranks copy them: for "ring"
+        and "shm" with the parts this rank reduced (the ranks' calls together
+        see every element once, so combine their verdicts), otherwise with
+        the whole buffer.
 
         Raises:
             TypeError: not a numpy array, or an unsupported dtype.
@@ -196,13 +216,17 @@ class Communicator:
         self._check("allreduce", buf, problem, op=op, algorithm=algorithm, shared=shared and shared[1])
         if self.size > 1 and flat.size:
             with self._watched("allreduce", flat):
-                self._allreduce(flat, op, algorithm, shared)
+                self._allreduce(flat, op, algorithm, shared, inspect)
+        elif inspect is not None and flat.size:
+            inspect(flat)
         return buf
 
-    def _allreduce(self, flat: np.ndarray, op: str, algorithm: str, shared: Any) -> None:
+    def _allreduce(
+        self, flat: np.ndarray, op: str, algorithm: str, shared: Any, inspect: Callable[[np.ndarray], None] | None
+    ) -> None:
         if algorithm == "auto":
             algorithm = self._auto_allreduce(flat, shared is not None)
-        reduce, finish = reducer(op, flat.dtype), finisher(op, flat.dtype, self.size)
+        reduce, finish = reducer(op, flat.dtype), finisher(op, flat.dtype, self.size, inspect)
         if algorithm == "native":
             self.comm.Allreduce(MPI.IN_PLACE, flat, op=NATIVE_OPS[op])
             if finish is not None:
@@ -218,7 +242,13 @@ class Communicator:
         else:
             ring.allreduce(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype), finish)
 
-    def reduce_scatter(self, buf: np.ndarray, op: str = "sum", algorithm: str = "auto") -> tuple[int, int]:
+    def reduce_scatter(
+        self,
+        buf: np.ndarray,
+        op: str = "sum",
+        algorithm: str = "auto",
+        inspect: Callable[[np.ndarray], None] | None = None,
+    ) -> tuple[int, int]:
         """Reduce ``buf`` over all ranks so that this rank's chunk holds the result; return its (start, stop).
 
         In place; chunks are ``chunk_bounds(buf.size)``, rank r owning chunk
@@ -226,7 +256,8 @@ class Communicator:
         dtype, op and algorithm on every rank. algorithm: "ring" (auto),
         "native" (MPI's Reduce_scatter) or "shm" (buffers from ``allocate``;
         chunk i of the node size belongs to node rank i, the same chunk on
-        every node; other chunks keep this rank's values). Raises as ``allreduce``.
+        every node; other chunks keep this rank's values). ``inspect`` is
+        called with this rank's finished chunk (in parts for "shm"). Raises as ``allreduce``.
         """
         flat = buf.reshape(-1) if isinstance(buf, np.ndarray) else buf
         shared = self._find_shared(flat)
@@ -235,11 +266,11 @@ class Communicator:
         problem = problem or _shm_problem(algorithm, shared, buf)
         self._check("reduce_scatter", buf, problem, op=op, algorithm=algorithm, shared=shared and shared[1])
         start, stop = self._owned(flat.size, algorithm)
+        finish = finisher(op, flat.dtype, self.size, inspect)
         if self.size > 1 and flat.size:
             with self._watched("reduce_scatter", flat):
-                self._reduce_scatter(flat, op, algorithm, start, stop, shared)
-        finish = finisher(op, flat.dtype, self.size)
-        if finish is not None:
+                self._reduce_scatter(flat, op, algorithm, start, stop, shared, finish)
+        elif finish is not None and flat.size:
             finish(flat[start:stop])
         return start, stop
 
@@ -248,7 +279,21 @@ class Communicator:
             return ring.chunk_bounds(count, self.shared.node.Get_size())[self.shared.node.Get_rank()]
         return self.chunk_bounds(count)[self.rank]
 
-    def _reduce_scatter(self, flat: np.ndarray, op: str, algorithm: str, start: int, stop: int, shared: Any) -> None:
+    def _reduce_scatter(
+        self,
+        flat: np.ndarray,
+        op: str,
+        algorithm: str,
+        start: int,
+        stop: int,
+        shared: Any,
+        finish: Callable[[np.ndarray], None] | None,
+    ) -> None:
+        if algorithm == "shm":  # finishes each part of the chunk while it is in cache
+            window, offset = shared
+            reduce, segment, scratch = reducer(op, flat.dtype), self._segment_elems(flat), self._scratch_for(flat.dtype)
+            self.shared.reduce_scatter(window, offset, flat.size, reduce, finish, segment, scratch)
+            return
         if algorithm == "native":
             # Out of place: MPICH 5.0.2's in-place Reduce_scatter fails an overlap
             # assertion at 4 ranks and uneven chunks of a few hundred KiB.
@@ -256,13 +301,11 @@ class Communicator:
             result = np.empty(stop - start, flat.dtype)
             self.comm.Reduce_scatter(flat, result, counts, op=NATIVE_OPS[op])
             flat[start:stop] = result
-        elif algorithm == "shm":
-            window, offset = shared
-            reduce, segment = reducer(op, flat.dtype), self._segment_elems(flat)
-            self.shared.reduce_scatter(window, offset, flat.size, reduce, segment, self._scratch_for(flat.dtype))
         else:
             reduce = reducer(op, flat.dtype)
             ring.reduce_scatter(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype))
+        if finish is not None:
+            finish(flat[start:stop])
 
     def allgather(self, buf: np.ndarray, algorithm: str = "auto") -> np.ndarray:
         """Fill every rank's ``buf`` with chunk r taken from rank r, in place; return ``buf``.

@@ -22,12 +22,14 @@ Wire buffers are allocated once (node-shared where possible) and reused.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 from mpitrain.comm.communicator import Communicator, bf16_to_f32, f32_to_bf16
 
 KINDS = ("none", "fp16", "bf16", "topk:RATIO")
+Inspect = Callable[[np.ndarray], None] | None
 
 
 class Compressor:
@@ -35,9 +37,15 @@ class Compressor:
 
     name = "none"
 
-    def reduce_mean(self, comm: Communicator, grads: np.ndarray, start: int, stop: int, algorithm: str) -> None:
-        """Average ``grads[start:stop]`` over the ranks, in place (same call on every rank)."""
-        comm.allreduce(grads[start:stop], op="mean", algorithm=algorithm)
+    def reduce_mean(
+        self, comm: Communicator, grads: np.ndarray, start: int, stop: int, algorithm: str, inspect: Inspect = None
+    ) -> None:
+        """Average ``grads[start:stop]`` over the ranks, in place (same call on every rank).
+
+        ``inspect`` is called with averaged values as ``Communicator.allreduce``
+        calls it: the ranks' calls together see every element.
+        """
+        comm.allreduce(grads[start:stop], op="mean", algorithm=algorithm, inspect=inspect)
 
     def wire_bytes(self, count: int, size: int) -> int:
         """Bytes one rank contributes for ``count`` float32 gradients in a world of ``size``."""
@@ -51,17 +59,21 @@ class CastCompressor(Compressor):
         self.name = kind
         self.wire = comm.allocate(count, np.float16 if kind == "fp16" else np.uint16)
 
-    def reduce_mean(self, comm: Communicator, grads: np.ndarray, start: int, stop: int, algorithm: str) -> None:
+    def reduce_mean(
+        self, comm: Communicator, grads: np.ndarray, start: int, stop: int, algorithm: str, inspect: Inspect = None
+    ) -> None:
         wire, values = self.wire[start:stop], grads[start:stop]
         if self.name == "bf16":
             f32_to_bf16(values, wire)
             comm.allreduce(wire, op="mean", algorithm=algorithm)
             np.copyto(values, bf16_to_f32(wire))
-            return
-        scale = self._scale(comm, values)
-        np.multiply(values, scale, out=wire, casting="same_kind")
-        comm.allreduce(wire, op="mean", algorithm=algorithm)
-        np.multiply(wire, np.float32(1.0 / scale), out=values)  # exact: scale is a power of two
+        else:
+            scale = self._scale(comm, values)
+            np.multiply(values, scale, out=wire, casting="same_kind")
+            comm.allreduce(wire, op="mean", algorithm=algorithm)
+            np.multiply(wire, np.float32(1.0 / scale), out=values)  # exact: scale is a power of two
+        if inspect is not None:
+            inspect(values)
 
     @staticmethod
     def _scale(comm: Communicator, values: np.ndarray) -> float:
@@ -87,7 +99,9 @@ class TopKCompressor(Compressor):
         self.ratio = ratio
         self.residual = np.zeros(count, np.float32)
 
-    def reduce_mean(self, comm: Communicator, grads: np.ndarray, start: int, stop: int, algorithm: str) -> None:
+    def reduce_mean(
+        self, comm: Communicator, grads: np.ndarray, start: int, stop: int, algorithm: str, inspect: Inspect = None
+    ) -> None:
         acc = self.residual[start:stop]
         acc += grads[start:stop]
         k = self._k(stop - start)
@@ -103,6 +117,8 @@ class TopKCompressor(Compressor):
         out.fill(0.0)
         np.add.at(out, indices, values)  # rank order, the same on every rank
         out /= comm.size
+        if inspect is not None:
+            inspect(out)
 
     def _k(self, count: int) -> int:
         return max(1, math.ceil(self.ratio * count))

@@ -117,8 +117,9 @@ class DataParallel:
         nonfinite: what a NaN/Inf in the averaged gradients does: "abort"
             (raise on every rank, naming the step and the ranks whose local
             gradients were non-finite) or "skip" (no update on any rank,
-            counted in ``skipped_steps``). Checked through a sum of each
-            bucket right after its reduction; the local gradients of an
+            counted in ``skipped_steps``). Each rank checks the averaged
+            values it finishes, inside the reduction, and one small
+            all-reduce combines the verdicts; the local gradients of an
             aborted step are recomputed to name the ranks.
         shard_optimizer: reduce-scatter each bucket instead of all-reducing
             it, update only the chunks this rank owns, then all-gather the
@@ -188,16 +189,17 @@ class DataParallel:
 
     def _reduce_bucket(self, start: int, stop: int) -> None:
         grads = self.model.flat_grads
-        # The averaged bucket is checked while it is still in cache; it is bit-identical on every rank, so
-        # is the verdict. (Which ranks' local gradients were non-finite is found only when needed, by
-        # replaying the step.)
+        # Averaged values are checked inside the reduction, by the rank that finishes them and while they
+        # are in cache; train_step combines the ranks' verdicts. (Which ranks' local gradients were
+        # non-finite is found only when needed, by replaying the step.)
         if self.shard is None:
-            self.compressor.reduce_mean(self.comm, grads, start, stop, self.algorithm)
+            self.compressor.reduce_mean(self.comm, grads, start, stop, self.algorithm, self._inspect)
         else:  # only the owned chunk ends averaged
-            a, b = self.comm.reduce_scatter(grads[start:stop], op="mean", algorithm=self.shard)
-            start, stop = start + a, start + b
-            self._owned.append((start, stop))
-        self._averaged_finite = self._averaged_finite and _finite(grads[start:stop])
+            a, b = self.comm.reduce_scatter(grads[start:stop], op="mean", algorithm=self.shard, inspect=self._inspect)
+            self._owned.append((start + a, start + b))
+
+    def _inspect(self, averaged: Any) -> None:
+        self._averaged_finite = self._averaged_finite and _finite(averaged)
 
     def _submit_ready(self, layer: int) -> None:
         ready = self._ready[layer]
@@ -243,9 +245,9 @@ class DataParallel:
         else:
             for bucket in self.buckets:
                 self._reduce_bucket(*bucket)
-        if self.shard is not None:  # each rank saw its own chunks: agree on one verdict
-            verdict = self.comm.allreduce(np.array([self._averaged_finite], np.int64), op="min")
-            self._averaged_finite = bool(verdict[0])
+        # Each rank checked the values it finished: agree on one verdict.
+        verdict = self.comm.allreduce(np.array([self._averaged_finite], np.int64), op="min")
+        self._averaged_finite = bool(verdict[0])
         t3 = clock()
         if self._averaged_finite:
             self.optimizer.step(self._owned if self.shard is not None else None)
