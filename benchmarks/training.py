@@ -8,7 +8,10 @@ steps after ``--warmup`` on synthetic MNIST-shaped data (per-rank batch
 128, float32) and report samples/s (global samples over the slowest rank's
 time) and, for mpitrain, the mean per-step breakdown over ranks: forward,
 backward, exposed all-reduce wait and optimizer. Each rank uses ``--threads``
-BLAS threads (default 1), torch too (torch.set_num_threads).
+BLAS threads (default 1), torch too (torch.set_num_threads). Timings on
+a shared machine move 20-30% from one job to the next: ``--repeat R`` runs
+every job R times, in whole interleaved rounds, and reports each one's
+median run and the range of its runs.
 """
 
 from __future__ import annotations
@@ -122,26 +125,16 @@ def driver(args: argparse.Namespace) -> int:
             print("# torch is not importable: PyTorch DDP is left out (pip install torch==2.13.0)")
             frameworks.remove("ddp")
     ranks = [int(r) for r in args.ranks.split(",")]
-    records = []
-    for model in args.models.split(","):
-        for n in ranks:
-            for framework in frameworks:
-                options = {"framework": framework, "model": model, "steps": args.steps, "warmup": args.warmup,
-                           "batch": args.batch, "threads": args.threads, "bucket-mb": args.bucket_mb,
-                           "micro-batch": args.micro_batch}  # fmt: skip
-                flags = [part for k, v in options.items() for part in (f"--{k}", str(v))]
-                flags += ["--no-overlap"] if args.no_overlap else []
-                command = mpiexec_command(n, sys.executable, os.path.abspath(__file__), "--worker", *flags)
-                done = subprocess.run(
-                    command, capture_output=True, text=True, timeout=args.timeout, check=False, env=child_environment()
-                )
-                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                if done.returncode != 0 or not lines:
-                    print(
-                        f"# {framework} {model} at {n} rank(s) failed (exit {done.returncode}):\n{done.stderr[-2000:]}"
-                    )
-                    return 1
-                records.append(json.loads(lines[0][7:]))
+    runs: dict[tuple[str, str, int], list[dict]] = {}
+    for _ in range(args.repeat):  # whole rounds, so every configuration sees the machine's slow and fast spells
+        for model in args.models.split(","):
+            for n in ranks:
+                for framework in frameworks:
+                    record = run_worker(args, framework, model, n)
+                    if record is None:
+                        return 1
+                    runs.setdefault((framework, model, n), []).append(record)
+    records = [median_record(group) for group in runs.values()]
     print_table(records)
     if args.json:
         with open(args.json, "w") as f:
@@ -151,23 +144,51 @@ def driver(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_worker(args: argparse.Namespace, framework: str, model: str, n: int) -> dict | None:
+    """One ``mpiexec -n n`` job of this script as a worker; its record, or None (reported) when it failed."""
+    options = {"framework": framework, "model": model, "steps": args.steps, "warmup": args.warmup,
+               "batch": args.batch, "threads": args.threads, "bucket-mb": args.bucket_mb,
+               "micro-batch": args.micro_batch}  # fmt: skip
+    flags = [part for k, v in options.items() for part in (f"--{k}", str(v))]
+    flags += ["--no-overlap"] if args.no_overlap else []
+    command = mpiexec_command(n, sys.executable, os.path.abspath(__file__), "--worker", *flags)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=args.timeout, check=False, env=child_environment()
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        print(f"# {framework} {model} at {n} rank(s) failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        return None
+    return json.loads(lines[0][7:])
+
+
+def median_record(group: list[dict]) -> dict:
+    """The run with the median samples/s (the lower middle for an even count), with every run's samples/s."""
+    ordered = sorted(group, key=lambda r: r["samples_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs_samples_per_s": [r["samples_per_s"] for r in group]}
+
+
 def print_table(records: list[dict]) -> None:
-    """Samples/s, scaling, ratio to DDP and the mpitrain step breakdown."""
+    """Samples/s, scaling, ratio to DDP and the mpitrain step breakdown (of the median run), the number of
+    runs and their range (max - min) in percent of the median."""
     base = {(r["framework"], r["model"]): r["samples_per_s"] for r in records if r["ranks"] == 1}
     ddp = {(r["model"], r["ranks"]): r["samples_per_s"] for r in records if r["framework"] == "ddp"}
     print(
         f"# {'framework':>9} {'model':>5} {'ranks':>5} {'thr':>3} {'samples/s':>10} {'scaling':>7} {'eff':>5} "
-        f"{'vs_ddp':>6} {'step_ms':>8} {'fwd_ms':>7} {'bwd_ms':>7} {'wait_ms':>7} {'opt_ms':>7} {'wait%':>5}"
+        f"{'vs_ddp':>6} {'step_ms':>8} {'fwd_ms':>7} {'bwd_ms':>7} {'wait_ms':>7} {'opt_ms':>7} {'wait%':>5} "
+        f"{'runs':>4} {'range%':>6}"
     )
     for r in records:
         speedup = r["samples_per_s"] / base.get((r["framework"], r["model"]), float("nan"))
         versus = r["samples_per_s"] / ddp[(r["model"], r["ranks"])] if (r["model"], r["ranks"]) in ddp else float("nan")
         parts = [r.get(f"{k}_ms", float("nan")) for k in ("forward", "backward", "allreduce_wait", "optimizer")]
+        runs = r.get("runs_samples_per_s", [r["samples_per_s"]])
+        spread = 100 * (max(runs) - min(runs)) / r["samples_per_s"]
         print(
             f"  {r['framework']:>9} {r['model']:>5} {r['ranks']:>5} {r['threads']:>3} {r['samples_per_s']:>10.0f} "
             f"{speedup:>7.2f} {speedup / r['ranks']:>5.2f} {versus:>6.2f} {r['step_ms']:>8.2f} "
             + " ".join(f"{v:>7.2f}" for v in parts)
-            + f" {100 * parts[2] / r['step_ms']:>5.1f}"
+            + f" {100 * parts[2] / r['step_ms']:>5.1f} {len(runs):>4} {spread:>6.1f}"
         )
 
 
@@ -206,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="mpitrain (all-reduce), sharded (mpitrain --shard-optimizer), ddp")  # fmt: skip
     parser.add_argument("--micro-batch", type=int, default=0, help="mpitrain: samples per forward/backward (0: auto)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per worker job")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every job, interleaved; the table shows each one's median run")  # fmt: skip
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -90,12 +90,13 @@ def test_collective_benchmark_checks_every_result(tmp_path, op: str) -> None:
 def test_training_benchmark_reports_throughput_and_breakdown(tmp_path) -> None:
     out = tmp_path / "training.json"
     done = run_mpitrain(1, "bench", "training", "--ranks", "1,2", "--models", "mlp,cnn", "--steps", "2",
-                        "--warmup", "1", "--batch", "8", "--json", str(out))  # fmt: skip
+                        "--warmup", "1", "--batch", "8", "--repeat", "2", "--json", str(out))  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     mine = [r for r in json.loads(out.read_text()) if r["framework"] == "mpitrain"]
     assert {(r["model"], r["ranks"]) for r in mine} == {("mlp", 1), ("mlp", 2), ("cnn", 1), ("cnn", 2)}
     for r in mine:
         assert r["samples_per_s"] > 0 and r["threads"] == 1
+        assert len(r["runs_samples_per_s"]) == 2 and r["samples_per_s"] == min(r["runs_samples_per_s"])  # median
         parts = sum(r[f"{k}_ms"] for k in ("forward", "backward", "allreduce_wait", "optimizer"))
         assert 0 < parts <= r["step_ms"] * 1.05
 
