@@ -82,6 +82,20 @@ class Module:
     def __call__(self, x: Any) -> Any:
         return self.forward(x)
 
+    def fuses(self, following: Module) -> bool:
+        """Whether ``forward_fused`` / ``backward_fused`` can run this layer and ``following`` as one
+        in training, when no input gradient is needed (default: never)."""
+        return False
+
+    def forward_fused(self, x: Any, following: Module) -> Any:
+        """Training forward of this layer, then ``following`` (only when ``fuses(following)``)."""
+        raise NotImplementedError
+
+    def backward_fused(self, grad: Any, following: Module) -> None:
+        """Backward of ``forward_fused`` from d(loss)/d(following's output): parameter gradients of both
+        layers, no input gradient."""
+        raise NotImplementedError
+
     def children(self) -> list[Module]:
         """Direct sub-modules, in the order they were assigned."""
         return [v for v in vars(self).values() if isinstance(v, Module)]
@@ -168,7 +182,10 @@ class Sequential(Module):
     With ``need_input_grad`` False (a model trained on data sets it), backward
     stops at the first layer with parameters, which skips its own input
     gradient: for an MLP that is the largest matrix product of the input
-    layer, for a CNN the first convolution's col2im.
+    layer, for a CNN the first convolution's col2im. In training that layer
+    also runs fused with the next one when it ``fuses`` it (a convolution
+    then a max-pool: the convolution writes its output in the pool's window
+    order, so pooling reads contiguous memory).
     """
 
     def __init__(self, *layers: Module) -> None:
@@ -182,9 +199,25 @@ class Sequential(Module):
         return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
     def forward(self, x: Any) -> Any:
-        for layer in self.layers:
-            x = layer.forward(x)
+        self._fused_at = self._fusion()
+        index = 0
+        while index < len(self.layers):
+            if index == self._fused_at:
+                x = self.layers[index].forward_fused(x, self.layers[index + 1])
+                index += 2
+            else:
+                x = self.layers[index].forward(x)
+                index += 1
         return x
+
+    def _first_parametric(self) -> int:
+        return next((i for i, layer in enumerate(self.layers) if layer.parameters()), len(self.layers))
+
+    def _fusion(self) -> int | None:
+        """Index of the layer that runs fused with the next one in this training step, if any."""
+        first = self._first_parametric()
+        can = self.training and not self.need_input_grad and first + 1 < len(self.layers)
+        return first if can and self.layers[first].fuses(self.layers[first + 1]) else None
 
     def output_bytes_per_sample(self, sample: Any) -> int:
         """Bytes of all layer outputs for ``sample`` (a batch of one), from a forward in eval mode.
@@ -203,13 +236,15 @@ class Sequential(Module):
         return total // max(1, len(sample))
 
     def backward(self, grad: Any) -> Any:
-        stop = 0
-        if not self.need_input_grad:
-            stop = next((i for i, layer in enumerate(self.layers) if layer.parameters()), len(self.layers))
+        stop = 0 if self.need_input_grad else self._first_parametric()
+        fused = getattr(self, "_fused_at", None)
         for index in range(len(self.layers) - 1, stop - 1, -1):
             layer = self.layers[index]
             layer.need_input_grad = self.need_input_grad or index > stop
-            grad = layer.backward(grad)
+            if fused is not None and index == fused:  # with the layer after it, whose backward this replaces
+                layer.backward_fused(grad, self.layers[index + 1])
+            elif fused is None or index != fused + 1:
+                grad = layer.backward(grad)
             if self.after_backward is not None:
                 self.after_backward(index)
         return grad if self.need_input_grad else None
