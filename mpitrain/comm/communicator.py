@@ -28,7 +28,7 @@ from mpitrain.comm.checks import (
     op_problem,
     root_problem,
 )
-from mpitrain.comm.shm import SharedBuffers
+from mpitrain.comm.shm import Reduction, SharedBuffers
 from mpitrain.comm.tuning import Tuning
 from mpitrain.comm.watchdog import Peer, Watchdog, process_start
 
@@ -237,8 +237,8 @@ class Communicator:
                 finish(flat)
         elif algorithm == "shm":
             window, offset = shared
-            scratch = self._scratch_for(flat.dtype)
-            self.shared.allreduce(window, offset, flat.size, reduce, finish, self._segment_elems(flat), scratch)
+            how = Reduction(reduce, finish, self._segment_elems(flat), self._scratch_for(flat.dtype))
+            self.shared.allreduce(window, offset, flat.size, how)
         else:
             ring.allreduce(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype), finish)
 
@@ -291,8 +291,8 @@ class Communicator:
     ) -> None:
         if algorithm == "shm":  # finishes each part of the chunk while it is in cache
             window, offset = shared
-            reduce, segment, scratch = reducer(op, flat.dtype), self._segment_elems(flat), self._scratch_for(flat.dtype)
-            self.shared.reduce_scatter(window, offset, flat.size, reduce, finish, segment, scratch)
+            how = Reduction(reducer(op, flat.dtype), finish, self._segment_elems(flat), self._scratch_for(flat.dtype))
+            self.shared.reduce_scatter(window, offset, flat.size, how)
             return
         if algorithm == "native":
             # Out of place: MPICH 5.0.2's in-place Reduce_scatter fails an overlap

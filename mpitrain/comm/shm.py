@@ -42,6 +42,18 @@ NAP = 20e-6  # seconds between later checks (the kernel's timer slack makes it a
 
 
 @dataclass
+class Reduction:
+    """How an all-reduce combines and finishes values: ``reduce(a, b, out=...)``, ``finish(chunk)``
+    (or None) on each fully reduced part, and the ring's segment (elements) and scratch for the
+    part across nodes."""
+
+    reduce: Callable[..., Any]
+    finish: Callable[[Any], None] | None
+    segment: int
+    scratch: Any
+
+
+@dataclass
 class _Window:
     win: MPI.Win
     peers: list[np.ndarray]  # every node-local rank's array, in node rank order
@@ -98,40 +110,22 @@ class SharedBuffers:
                 return window, (address - window.base) // buf.dtype.itemsize
         return None
 
-    def allreduce(
-        self,
-        window: _Window,
-        offset: int,
-        count: int,
-        reduce: Callable[..., Any],
-        finish: Callable[[Any], None] | None,
-        segment: int,
-        scratch: Any,
-    ) -> None:
+    def allreduce(self, window: _Window, offset: int, count: int, how: Reduction) -> None:
         """All-reduce ``count`` elements at ``offset`` of every rank's array in ``window`` (see module doc).
 
         Contract: the same window, offset and count on every rank.
         """
-        self._reduce_own(window, offset, count, reduce, finish, segment, scratch)
+        self._reduce_own(window, offset, count, how)
         self.allgather(window, offset, count)
 
-    def reduce_scatter(
-        self,
-        window: _Window,
-        offset: int,
-        count: int,
-        reduce: Callable[..., Any],
-        finish: Callable[[Any], None] | None,
-        segment: int,
-        scratch: Any,
-    ) -> tuple[int, int]:
+    def reduce_scatter(self, window: _Window, offset: int, count: int, how: Reduction) -> tuple[int, int]:
         """Steps 1 and 2 of the all-reduce: this rank's chunk (node rank i: chunk i of ``node size``) ends
         reduced over all ranks and finished; returns its (start, stop) relative to ``offset``.
 
         The ranks of one node rank on different nodes own the same chunk (with
         bit-identical values). Contract: as ``allreduce``.
         """
-        bounds = self._reduce_own(window, offset, count, reduce, finish, segment, scratch)
+        bounds = self._reduce_own(window, offset, count, how)
         self._sync(window.win)  # peers have read this rank's buffer before the caller changes it
         return bounds
 
@@ -144,34 +138,25 @@ class SharedBuffers:
         self._copy_peers(window, offset, count)
         self._sync(window.win)
 
-    def _reduce_own(
-        self,
-        window: _Window,
-        offset: int,
-        count: int,
-        reduce: Callable[..., Any],
-        finish: Callable[[Any], None] | None,
-        segment: int,
-        scratch: Any,
-    ) -> tuple[int, int]:
+    def _reduce_own(self, window: _Window, offset: int, count: int, how: Reduction) -> tuple[int, int]:
         me, p = self.node.Get_rank(), self.node.Get_size()
         a, b = ring.chunk_bounds(count, p)[me]
         self._sync(window.win)
         # A segment at a time, so a finish on one node reads what the reduction just wrote from cache
         # (2 ranks, 3.6 MiB chunks: sum, mean and finiteness check 12% faster than whole-chunk passes).
-        for start in range(offset + a, offset + b, segment):
-            stop = min(start + segment, offset + b)
+        for start in range(offset + a, offset + b, how.segment):
+            stop = min(start + how.segment, offset + b)
             mine = window.peers[me][start:stop]
             for q in range(p):
                 if q != me:
-                    reduce(mine, window.peers[q][start:stop], out=mine)
-            if finish is not None and self.cross is None:
-                finish(mine)
+                    how.reduce(mine, window.peers[q][start:stop], out=mine)
+            if how.finish is not None and self.cross is None:
+                how.finish(mine)
         if self.cross is not None:
             mine = window.peers[me][offset + a : offset + b]
-            ring.allreduce(self.cross, mine, reduce, segment, scratch)
-            if finish is not None:
-                finish(mine)
+            ring.allreduce(self.cross, mine, how.reduce, how.segment, how.scratch)
+            if how.finish is not None:
+                how.finish(mine)
         return a, b
 
     def _copy_peers(self, window: _Window, offset: int, count: int) -> None:
