@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mpitrain.nn.layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+from mpitrain.nn.conv import Conv2d, MaxPool2d
+from mpitrain.nn.layers import Dropout, Flatten, Linear, ReLU
 from mpitrain.nn.module import Sequential
 
 MODELS = ("mlp", "cnn")
