@@ -108,7 +108,8 @@ class Conv2d(Module):
         return oh, ow
 
     def _im2col(self, x: Any, pool: int) -> Any:
-        """Columns (C*k*k, N, pixels), in the pixel order of ``_gather_plan``.
+        """Columns (C*k*k, N, pool*pool, pixels): one slab per pool-window position (one slab, the
+        plain pixel order, for ``pool`` 1), as ``_gather_plan`` orders them.
 
         Stored transposed, (C, k, k, N, ...): each (c, i, j) row is filled by copies whose inner axis
         is contiguous, far faster than gathering k x k windows per pixel. Entries that fall in the
@@ -126,32 +127,33 @@ class Conv2d(Module):
         for i, j, di, dj, source, target in self._gather_plan(h, w, q):
             cols[:, i, j, :, di, dj][:, :, target[0], target[1]] = channels_first[:, :, source[0], source[1]]
         self._x_shape = x.shape
-        return cols.reshape(c * k * k, n, -1)
+        return cols.reshape(c * k * k, n, q * q, -1)
 
     def _product(self, out: Any) -> None:
-        """out (N, O, pixels) = weight @ columns + bias."""
+        """out (slabs, N, O, pixels) = weight @ columns + bias."""
         xp, cols = self.xp, self._cols
-        (depth, n, pixels), o = cols.shape, self.out_channels
+        (depth, n, slabs, pixels), o = cols.shape, self.out_channels
         weight = self.weight.data.reshape(o, depth)
-        if pixels >= depth:  # per sample, straight into NCHW
-            xp.matmul(weight, cols.transpose(1, 0, 2), out=out)
+        if pixels >= depth:  # per sample and slab, straight into place
+            xp.matmul(weight, cols.transpose(2, 1, 0, 3), out=out)
             out += self.bias.data.reshape(o, 1)
-        else:  # one product with a row per output pixel, then NCHW
-            gemm = workspace(self, "gemm", (n * pixels, o), out.dtype)
+        else:  # one product with a row per output pixel, then into place
+            gemm = workspace(self, "gemm", (n * slabs * pixels, o), out.dtype)
             xp.matmul(cols.reshape(depth, -1).T, weight.T, out=gemm)
             gemm += self.bias.data
-            out[...] = gemm.reshape(n, pixels, o).transpose(0, 2, 1)
+            out[...] = gemm.reshape(n, slabs, pixels, o).transpose(1, 0, 3, 2)
 
     def forward(self, x: Any) -> Any:
         oh, ow = self._check_input(x)
+        n, o = x.shape[0], self.out_channels
         self._cols = self._im2col(x, 1)
-        out = workspace(self, "out", (x.shape[0], self.out_channels, oh, ow), x.dtype)
-        self._product(out.reshape(x.shape[0], self.out_channels, -1))
+        out = workspace(self, "out", (n, o, oh, ow), x.dtype)
+        self._product(out.reshape(1, n, o, -1))
         return out
 
     def fuses(self, following: Module) -> bool:
         """A max-pool whose windows do not overlap: ``forward_fused`` computes the convolution's
-        outputs in pool-window order, so the pool reads contiguous slabs."""
+        outputs one pool-window position at a time, so the pool reads contiguous slabs."""
         return isinstance(following, MaxPool2d) and following.stride == following.kernel
 
     def forward_fused(self, x: Any, following: Module) -> Any:
@@ -167,33 +169,36 @@ class Conv2d(Module):
             return following.forward(self.forward(x))
         n, o = x.shape[0], self.out_channels
         self._cols = self._im2col(x, q)
-        out = workspace(self, "pooled", (n, o, q * q, oh // q, ow // q), x.dtype)
-        self._product(out.reshape(n, o, -1))
-        return following.pool_slabs(out.transpose(2, 0, 1, 3, 4))
+        out = workspace(self, "pooled", (q * q, n, o, oh // q, ow // q), x.dtype)
+        self._product(out.reshape(q * q, n, o, -1))
+        return following.pool_slabs(out)
 
     def backward_fused(self, grad: Any, following: Module) -> None:
         """Backward of ``forward_fused``: parameter gradients only."""
         if not self._fused:
             self.backward(following.backward(grad))
             return
-        n, o, q = grad.shape[0], self.out_channels, following.kernel
-        dpooled = workspace(self, "dpooled", (n, o, q * q, *grad.shape[2:]), grad.dtype)
-        following.unpool_slabs(grad, dpooled.transpose(2, 0, 1, 3, 4))
-        self._parameter_grads(dpooled.reshape(n, o, -1))
+        q = following.kernel
+        dpooled = workspace(self, "dpooled", (q * q, *grad.shape), grad.dtype)
+        following.unpool_slabs(grad, dpooled)
+        self._parameter_grads(dpooled.reshape(q * q, *grad.shape[:2], -1))
 
     def _parameter_grads(self, grad: Any) -> Any:
-        """Add the weight and bias gradients for output gradient ``grad`` (N, O, pixels); returns the
-        gradient as the input gradient's product wants it."""
+        """Add the weight and bias gradients for output gradient ``grad`` (slabs, N, O, pixels).
+
+        Returns the gradient as the input gradient's product wants it: ``grad`` when the
+        products go per sample, else (O, all pixels).
+        """
         xp, cols = self.xp, self._cols
-        (depth, n, pixels), o = cols.shape, self.out_channels
+        (depth, n, slabs, pixels), o = cols.shape, self.out_channels
         if depth < SAMPLE_PRODUCTS_MAX_DEPTH:
-            dw = workspace(self, "dw", (n, o, depth), grad.dtype)
-            xp.matmul(grad, cols.transpose(1, 2, 0), out=dw)
-            self.weight.grad.reshape(o, depth)[...] += dw.sum(axis=0)
-            self.bias.grad += grad.sum(axis=(0, 2))
+            dw = workspace(self, "dw", (slabs, n, o, depth), grad.dtype)
+            xp.matmul(grad, cols.transpose(2, 1, 3, 0), out=dw)
+            self.weight.grad.reshape(o, depth)[...] += dw.sum(axis=(0, 1))
+            self.bias.grad += grad.sum(axis=(0, 1, 3))
             return grad
-        g = workspace(self, "g", (o, n, pixels), grad.dtype)
-        g[...] = grad.transpose(1, 0, 2)
+        g = workspace(self, "g", (o, n, slabs, pixels), grad.dtype)
+        g[...] = grad.transpose(2, 1, 0, 3)
         g = g.reshape(o, -1)
         dw = workspace(self, "dw", (depth, o), grad.dtype)
         xp.matmul(cols.reshape(depth, -1), g.T, out=dw)  # 27% faster than g @ cols.T
@@ -204,13 +209,13 @@ class Conv2d(Module):
     def backward(self, grad: Any) -> Any:
         n, o = grad.shape[:2]
         depth = self._cols.shape[0]
-        g = self._parameter_grads(grad.reshape(n, o, -1))
+        g = self._parameter_grads(grad.reshape(1, n, o, -1))
         if not self.need_input_grad:
             return None
         weight = self.weight.data.reshape(o, depth)
         dcols = workspace(self, "dcols", self._cols.shape, grad.dtype)
-        if g.ndim == 3:  # per sample
-            self.xp.matmul(weight.T, g, out=dcols.transpose(1, 0, 2))
+        if g.ndim == 4:  # per sample
+            self.xp.matmul(weight.T, g, out=dcols.transpose(2, 1, 0, 3))
         else:
             self.xp.matmul(weight.T, g, out=dcols.reshape(depth, -1))
         return self._col2im(dcols)
