@@ -75,17 +75,16 @@ def finisher(
     op: str, dtype: np.dtype, size: int, inspect: Callable[[np.ndarray], None] | None = None
 ) -> Callable[[np.ndarray], None] | None:
     """What to do to each fully reduced chunk: divide by the world size for "mean", then ``inspect`` it."""
-    divide: Callable[[np.ndarray], Any] | None = None
-    if op == "mean" and dtype == np.uint16:
-        divide = lambda chunk: f32_to_bf16(bf16_to_f32(chunk) / size, chunk)  # noqa: E731
-    elif op == "mean":
-        divide = lambda chunk: np.divide(chunk, size, out=chunk)  # noqa: E731
-    if divide is None or inspect is None:
-        return divide or inspect
+    if op != "mean":
+        return inspect
 
     def finish(chunk: np.ndarray) -> None:
-        divide(chunk)
-        inspect(chunk)
+        if dtype == np.uint16:
+            f32_to_bf16(bf16_to_f32(chunk) / size, chunk)
+        else:
+            np.divide(chunk, size, out=chunk)
+        if inspect is not None:
+            inspect(chunk)
 
     return finish
 
