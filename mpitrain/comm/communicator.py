@@ -199,8 +199,8 @@ class Communicator:
         results on every rank. ``inspect`` (for example a finiteness check)
         is called with final values before other ranks copy them: for "ring"
         and "shm" with the parts this rank reduced (the ranks' calls together
-        see every element once, so combine their verdicts), otherwise with
-        the whole buffer.
+        see every element, once per node for "shm", so combine their
+        verdicts), otherwise with the whole buffer.
 
         Raises:
             TypeError: not a numpy array, or an unsupported dtype.
