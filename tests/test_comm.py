@@ -273,9 +273,11 @@ def test_ring_python_state_does_not_grow_with_the_buffer(comm: Communicator) -> 
 @pytest.mark.mpi
 def test_auto_choice_follows_the_thresholds(comm: Communicator) -> None:
     small, large = comm.tuning.allreduce_small_bytes, comm.tuning.broadcast_large_bytes
-    assert comm._auto_allreduce(np.zeros(small // 4 - 1, np.float32), shared=True) == "native"
+    shm_from = comm.tuning.allreduce_shm_bytes
+    assert comm._auto_allreduce(np.zeros(small // 4 - 1, np.float32), shared=False) == "native"
     assert comm._auto_allreduce(np.zeros(small // 4, np.float32), shared=False) == "ring"
-    assert comm._auto_allreduce(np.zeros(small // 4, np.float32), shared=True) == "shm"
+    assert comm._auto_allreduce(np.zeros(shm_from // 4 - 1, np.float32), shared=True) == "native"
+    assert comm._auto_allreduce(np.zeros(shm_from // 4, np.float32), shared=True) == "shm"
     assert comm._auto_allreduce(np.zeros(8, np.float16), shared=True) == "shm"
     assert comm._auto_allreduce(np.zeros(8, np.uint16), shared=False) == "doubling"
     assert comm._auto_allreduce(np.zeros(small, np.float16), shared=False) == "ring"

@@ -194,8 +194,9 @@ class Communicator:
         "ring" (bandwidth-optimal, pipelined), "doubling" (recursive doubling,
         few rounds for small buffers), "shm" (node shared memory, hierarchical
         across nodes), "native" (MPI's in-place Allreduce), or "auto":
-        native below ``tuning.allreduce_small_bytes``, else shm for shared
-        buffers, else ring (16-bit types never go to native). Every algorithm but native gives bit-identical
+        shm for shared buffers from ``tuning.allreduce_shm_bytes``, ring for
+        others from ``tuning.allreduce_small_bytes``, native below (16-bit
+        types never go to native). Every algorithm but native gives bit-identical
         results on every rank. ``inspect`` (for example a finiteness check)
         is called with final values before other ranks copy them: for "ring"
         and "shm" with the parts this rank reduced (the ranks' calls together
@@ -407,9 +408,9 @@ class Communicator:
             # float16 / bfloat16: MPI has no bfloat16, and MPICH's float16 sum measured 2.5-4x
             # slower than ours (1 MiB, 2 ranks: 4.7 ms native, 1.1 ms shm, 1.3 ms ring).
             return "shm" if shared else ("doubling" if small else "ring")
-        if small:
-            return "native"
-        return "shm" if shared else "ring"
+        if shared:
+            return "shm" if flat.nbytes >= self.tuning.allreduce_shm_bytes else "native"
+        return "native" if small else "ring"
 
     def _auto_broadcast(self, flat: np.ndarray, shared: bool) -> str:
         if shared and flat.nbytes >= self.tuning.broadcast_shm_bytes:

@@ -22,8 +22,10 @@ class Tuning:
 
     Attributes:
         segment_bytes: ring pipelining segment; the ring's scratch is 2 segments.
-        allreduce_small_bytes: below this, all-reduce uses MPI's native call
-            (latency-bound: one library call beats Python-level steps).
+        allreduce_small_bytes: below this, all-reduce of a private buffer uses
+            MPI's native call (latency-bound: one library call beats Python-level steps).
+        allreduce_shm_bytes: from this size, all-reduce of a node-shared buffer
+            reads peers' memory (shm); below it, MPI's native call.
         broadcast_large_bytes: from this size, broadcast uses scatter + ring
             all-gather instead of the binomial tree (on 3 or more ranks).
         broadcast_shm_bytes: from this size, broadcast of a node-shared
@@ -32,6 +34,7 @@ class Tuning:
 
     segment_bytes: int = 1 << 18
     allreduce_small_bytes: int = 1 << 16
+    allreduce_shm_bytes: int = 1 << 14
     broadcast_large_bytes: int = 1 << 20
     broadcast_shm_bytes: int = 1 << 16
 
