@@ -70,6 +70,7 @@ class Conv2d(Module):
         shape = (self.out_channels, self.in_channels, self.kernel, self.kernel)
         self.weight = Parameter(shape, init, fan_in, fan_out)
         self.bias = Parameter((self.out_channels,), "zeros")
+        self._plans: dict[tuple[int, int, int], list] = {}  # im2col plans by (height, width, pool)
 
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
         """Spatial output size for an (h, w) input."""
@@ -81,8 +82,14 @@ class Conv2d(Module):
 
         Kernel offset (i, j) of output pixel (pool * y + di, pool * x + dj) is copied to column
         (di, dj, y, x): with ``pool`` 1 the plain pixel order; else pool-window position first, over
-        the pixels inside whole windows only.
+        the pixels inside whole windows only. Kept per input size: building it costs 10-25 us,
+        and a step asks for it once per micro-batch and convolution, twice with an input gradient.
         """
+        if (h, w, pool) not in self._plans:
+            self._plans[h, w, pool] = self._new_gather_plan(h, w, pool)
+        return self._plans[h, w, pool]
+
+    def _new_gather_plan(self, h: int, w: int, pool: int) -> list[tuple[int, int, int, int, Any, Any]]:
         k, s, p = self.kernel, self.stride, self.padding
         oh, ow = self.output_hw(h, w)
         q = pool
@@ -223,11 +230,10 @@ class Conv2d(Module):
         (oh, ow) = self.output_hw(h, w)
         dcols = dcols.reshape(c, k, k, oh, ow, n)
         dx_samples_last = workspace(self, "dx_samples_last", (c, h, w, n), dcols.dtype)
-        windows = self._gather_plan(h, w)
         # A window that reaches every input position (stride 1, padding k // 2) is assigned first,
         # which saves the fill; the others add onto it.
         everywhere = (slice(0, h, 1), slice(0, w, 1))
-        windows.sort(key=lambda window: window[4] != everywhere)
+        windows = sorted(self._gather_plan(h, w), key=lambda window: window[4] != everywhere)
         if windows[0][4] != everywhere:
             dx_samples_last.fill(0)
         for index, (i, j, _, _, source, target) in enumerate(windows):

@@ -191,6 +191,7 @@ class Sequential(Module):
     def __init__(self, *layers: Module) -> None:
         self.layers = list(layers)
         self.after_backward: Callable[[int], None] | None = None
+        self._fused_at: int | None = None  # set by each forward, read by the backward after it
 
     def children(self) -> list[Module]:
         return list(self.layers)
@@ -237,7 +238,7 @@ class Sequential(Module):
 
     def backward(self, grad: Any) -> Any:
         stop = 0 if self.need_input_grad else self._first_parametric()
-        fused = getattr(self, "_fused_at", None)
+        fused = self._fused_at
         for index in range(len(self.layers) - 1, stop - 1, -1):
             layer = self.layers[index]
             layer.need_input_grad = self.need_input_grad or index > stop
