@@ -11,6 +11,8 @@ import os
 from mpi4py import MPI
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from mpitrain import backend  # noqa: F401 - loads every BLAS the core uses, so the limit reaches them all
+
 
 def ranks_on_this_node(comm: MPI.Comm) -> int:
     """Number of ranks of ``comm`` sharing this node's memory (collective)."""

@@ -20,6 +20,7 @@ from mpi4py import MPI
 
 from mpitrain.comm import Communicator
 from mpitrain.jobs import child_environment, mpiexec_command
+from mpitrain.nn import Linear, Module
 
 WORLD = MPI.COMM_WORLD
 
@@ -82,3 +83,16 @@ def rank_data(n: int, dtype: np.dtype, rank: int, seed: int = 0) -> np.ndarray:
     if np.dtype(dtype).kind == "f":
         return (rng.standard_normal(n) * (rank + 1)).astype(dtype)
     return rng.integers(-1000, 1000, n).astype(dtype)
+
+
+class OneBranch(Module):
+    """A model (not a Sequential) of two layers whose forward and backward use only the first."""
+
+    def __init__(self, features: int, outputs: int) -> None:
+        self.used, self.unused = Linear(features, outputs), Linear(features, outputs)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.used.forward(x)
+
+    def backward(self, grad: np.ndarray) -> np.ndarray:
+        return self.used.backward(grad)

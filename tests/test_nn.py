@@ -11,7 +11,9 @@ from mpitrain.nn import (
     Flatten,
     Linear,
     MaxPool2d,
+    Module,
     MSELoss,
+    Parameter,
     ReLU,
     Sequential,
     Sigmoid,
@@ -19,6 +21,7 @@ from mpitrain.nn import (
     Tanh,
     build_model,
 )
+from tests.conftest import OneBranch
 
 EPS = 1e-6
 
@@ -291,3 +294,48 @@ def test_models_by_name_and_bad_sizes() -> None:
         Linear(0, 3)
     with pytest.raises(ValueError, match="expects input"):
         mlp.layers[1].forward(np.zeros((2, 5)))
+
+
+class Scale(Module):
+    """A layer written to the plain contract: its backward adds into its gradient."""
+
+    def __init__(self, features: int) -> None:
+        self.w = Parameter((features,), "he", features, features)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._x = x
+        return x * self.w.data
+
+    def backward(self, grad: np.ndarray) -> np.ndarray:
+        self.w.grad += (grad * self._x).sum(axis=0)
+        return grad * self.w.data
+
+
+@pytest.mark.parametrize(
+    "model,shape",
+    [
+        (lambda: build_model("mlp", (64,), 10), (9, 64)),
+        (lambda: build_model("cnn", (1, 8, 8), 10), (5, 1, 8, 8)),  # the first convolution runs fused
+        (lambda: build_model("cnn", (40, 6, 6), 10), (3, 40, 6, 6)),  # 360 im2col rows: batch-wide products
+        (lambda: Sequential(Flatten(), Linear(12, 6), Scale(6), ReLU(), Linear(6, 2)), (4, 3, 4)),
+        (lambda: OneBranch(6, 3), (4, 6)),
+    ],
+)
+@pytest.mark.parametrize("pieces", [1, 3])
+@pytest.mark.parametrize("need_input_grad", [True, False])
+def test_lazy_zero_grad_gives_the_gradients_of_an_eager_one(model, shape, pieces: int, need_input_grad: bool) -> None:
+    x = np.random.default_rng(0).standard_normal(shape)
+    grads = []
+    for lazy in (False, True):
+        net = model().init_params(seed=2, dtype=np.float64)
+        net.need_input_grad = need_input_grad
+        net.flat_grads[...] = np.nan  # what a lazy zero leaves must never reach a gradient
+        net.zero_grad(lazy=lazy)
+        for part in np.array_split(x, pieces):
+            out = net.forward(part)
+            net.backward(np.random.default_rng(len(part)).standard_normal(out.shape))
+        net.settle_grads()
+        assert not any(p.grad_stale for p in net.parameters())
+        grads.append(net.flat_grads.copy())
+    np.testing.assert_array_equal(grads[1], grads[0])
+    assert np.isfinite(grads[0]).all()

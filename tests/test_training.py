@@ -16,7 +16,7 @@ from mpitrain.optim import SGD
 from mpitrain.parallel import DataParallel
 from mpitrain.parallel.data_parallel import MICRO_BATCH_BYTES, _finite
 from mpitrain.train import TrainConfig, train
-from tests.conftest import WORLD, same_on_every_rank
+from tests.conftest import WORLD, OneBranch, same_on_every_rank
 
 SMALL = {"epochs": 2, "progress": False, "dtype": "float64", "hidden": (32,)}
 
@@ -104,6 +104,20 @@ def test_accumulation_equals_a_k_times_larger_batch(comm: Communicator) -> None:
     accumulated = _train(comm, dtype="float64", batch_size=24, accumulate=3)
     whole = _train(comm, dtype="float64", batch_size=24)
     np.testing.assert_allclose(accumulated, whole, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_layer_without_backward_gets_zero_gradients(comm: Communicator, accumulate: int) -> None:
+    net = OneBranch(64, 10).init_params(seed=1, dtype=np.float64, allocate=comm.allocate)
+    dp = DataParallel(net, SGD(net.flat_params, net.flat_grads, 0.1, momentum=0.9), comm, accumulate=accumulate)
+    before = net.unused.weight.data.copy()
+    x = np.random.default_rng(comm.rank).standard_normal((8, 64))
+    for _ in range(2):
+        net.flat_grads[...] = np.nan  # the step's zeroing must not leave old values where no backward writes
+        dp.train_step(x, np.arange(8) % 10)
+    np.testing.assert_array_equal(net.unused.weight.data, before)
+    assert np.isfinite(net.flat_params).all() and same_on_every_rank(net.flat_params)
 
 
 @pytest.mark.mpi

@@ -49,6 +49,8 @@ class Conv2d(Module):
     the input, and col2im adds only to them.
     """
 
+    writes_stale_grads = True
+
     def __init__(
         self,
         in_channels: int,
@@ -196,16 +198,18 @@ class Conv2d(Module):
         if depth < SAMPLE_PRODUCTS_MAX_DEPTH:
             dw = workspace(self, "dw", (slabs, n, o, depth), grad.dtype)
             xp.matmul(grad, cols.transpose(2, 1, 3, 0), out=dw)
-            self.weight.grad.reshape(o, depth)[...] += dw.sum(axis=(0, 1))
-            self.bias.grad += grad.sum(axis=(0, 1, 3))
+            self.weight.add_grad(dw.sum(axis=(0, 1)).reshape(self.weight.shape))
+            self.bias.add_grad(grad.sum(axis=(0, 1, 3)))
             return
         g = workspace(self, "g", (o, n, slabs, pixels), grad.dtype)
         g[...] = grad.transpose(2, 1, 0, 3)
         g = g.reshape(o, -1)
         dw = workspace(self, "dw", (depth, o), grad.dtype)
-        xp.matmul(cols.reshape(depth, -1), g.T, out=dw)  # 27% faster than g @ cols.T
-        self.weight.grad.reshape(o, depth)[...] += dw.T
-        self.bias.grad += g.sum(axis=1)
+        # 27% faster than g @ cols.T; and a gemm adding straight into the (O, depth) gradient takes
+        # 0.58 ms where this and the transposed add take 0.50 (16->32 channels, 14x14, 32 samples)
+        xp.matmul(cols.reshape(depth, -1), g.T, out=dw)
+        self.weight.add_grad(dw.T.reshape(self.weight.shape))
+        self.bias.add_grad(g.sum(axis=1))
 
     def backward(self, grad: Any) -> Any:
         n, o, oh, ow = grad.shape

@@ -42,6 +42,8 @@ def workspace(layer: Module, name: str, shape: tuple[int, ...], dtype: Any, zero
 class Linear(Module):
     """y = x @ weight + bias, with weight of shape (in_features, out_features)."""
 
+    writes_stale_grads = True
+
     def __init__(self, in_features: int, out_features: int, init: str = "he") -> None:
         fan_in = positive_int("in_features", in_features)
         fan_out = positive_int("out_features", out_features)
@@ -58,15 +60,15 @@ class Linear(Module):
         return out
 
     def backward(self, grad: Any) -> Any:
-        xp = self.xp
-        dw = workspace(self, "dw", self.weight.shape, grad.dtype)
-        xp.matmul(self._x.T, grad, out=dw)
-        self.weight.grad += dw
-        self.bias.grad += grad.sum(axis=0)
+        w = self.weight
+        backend.matmul_into(
+            self._x.T, grad, w.grad, add=not w.first_write(), scratch=lambda: workspace(self, "dw", w.shape, grad.dtype)
+        )
+        self.bias.add_grad(grad.sum(axis=0))
         if not self.need_input_grad:
             return None
         dx = workspace(self, "dx", self._x.shape, grad.dtype)
-        xp.matmul(grad, self.weight.data.T, out=dx)
+        self.xp.matmul(grad, self.weight.data.T, out=dx)
         return dx
 
 

@@ -265,7 +265,7 @@ class DataParallel:
         forward, seconds of backward)."""
         model, clock, pieces = self.model, time.perf_counter, self.pieces(x)
         model.train()
-        model.zero_grad()
+        model.zero_grad(lazy=True)  # the first backward writes the gradients
         loss, correct, forward, backward = 0.0, 0, 0.0, 0.0
         bounds = [len(y) * i // pieces for i in range(pieces + 1)]
         for i in range(pieces):
@@ -285,6 +285,8 @@ class DataParallel:
                 model.after_backward = self._submit_ready
             try:
                 model.backward(grad)
+                if i == 0:  # a layer whose backward did not run (a custom model) still holds old gradients
+                    model.settle_grads()
             finally:
                 if hooked:
                     model.after_backward = None
