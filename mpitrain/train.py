@@ -156,6 +156,12 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
             f"{batches.steps_per_epoch} steps/epoch",
             flush=True,
         )
+        if config.compression != "none" and comm.size > 1 and comm.single_node:
+            print(
+                f"# note: every rank is on this node, so no gradient crosses a network: --compression "
+                f"{config.compression} only adds work here (it pays between nodes)",
+                flush=True,
+            )
     # The batch buffers are filled in place every step (no allocation per step).
     x_train = data.x_train.astype(dtype, copy=False)
     x_batch = np.empty((config.batch_size, *data.sample_shape), dtype)

@@ -20,6 +20,7 @@ def test_default_job_at_two_ranks_trains_and_writes_outputs(tmp_path) -> None:
     done = run_mpitrain(2, "--no-progress", "--metrics", str(metrics), "--save", str(saved))
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("# mpitrain: 2 rank(s)") == 1  # rank 0 alone prints
+    assert "# note:" not in done.stdout
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, 21))
     assert {"epoch", "loss", "train_acc", "test_acc", "samples_per_s", "time_s"} <= set(records[-1])
@@ -27,6 +28,12 @@ def test_default_job_at_two_ranks_trains_and_writes_outputs(tmp_path) -> None:
     with np.load(saved) as params:
         assert sorted(params.files) == ["1.bias", "1.weight", "3.bias", "3.weight", "5.bias", "5.weight"]
         assert params["1.weight"].shape == (64, 128)
+
+
+def test_compression_on_one_node_is_pointed_out() -> None:
+    done = run_mpitrain(2, "--epochs", "1", "--no-progress", "--compression", "bf16")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("# note: every rank is on this node") == 1, done.stdout
 
 
 @pytest.mark.parametrize(

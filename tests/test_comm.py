@@ -73,6 +73,16 @@ def test_shared_memory_allreduce_matches_native(shared_comm: Communicator, n: in
     assert not buf[:3].any() and not buf[3 + n :].any()
 
 
+@pytest.mark.mpi
+def test_single_node_is_true_unless_ranks_are_split_into_nodes() -> None:
+    whole, split = Communicator(), Communicator(node_size=1)
+    try:
+        assert whole.single_node and split.single_node == (split.size == 1)
+    finally:
+        whole.free()
+        split.free()
+
+
 @pytest.mark.mpi(min_size=4)
 @pytest.mark.parametrize("n", [1, 7, 1000, 262_147])
 @pytest.mark.parametrize("op", ["sum", "mean", "max"])

@@ -419,6 +419,11 @@ class Communicator:
         # log2(p) whole buffers: a gain only from 3 ranks on (measured: 0.8-0.97x at 2, 1.06-1.17x at 4).
         return "scatter" if self.size > 2 and flat.nbytes >= self.tuning.broadcast_large_bytes else "tree"
 
+    @property
+    def single_node(self) -> bool:
+        """Whether every rank shares one node's memory, so no collective crosses a network."""
+        return self.shared is not None and self.shared.cross is None
+
     def shares(self, buf: Any) -> bool:
         """Whether ``buf`` lies in node-shared memory from ``allocate`` (so "shm" algorithms take it)."""
         return self._find_shared(buf) is not None
