@@ -42,5 +42,8 @@ def limit_threads(comm: MPI.Comm, threads: int | None = None) -> int:
 
 
 def thread_pools() -> list[str]:
-    """One line per loaded thread pool: library, API and current thread count."""
-    return [f"{p['internal_api']} ({p['user_api']}): {p['num_threads']} thread(s)" for p in threadpool_info()]
+    """One line per loaded thread pool: library, API, file and current thread count."""
+    return [
+        f"{p['internal_api']} ({p['user_api']}, {os.path.basename(p['filepath'])}): {p['num_threads']} thread(s)"
+        for p in threadpool_info()
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -73,7 +74,27 @@ def test_info_reports_world_hosts_and_backends() -> None:
     assert done.returncode == 0, done.stderr
     for field in ("MPI library:", "mpi4py:", "world size:    2", "hosts:", "backend:       numpy", "threads:"):
         assert field in done.stdout
+    # Every BLAS the core loads (numpy's and scipy's) runs under the per-rank limit.
+    limit = re.search(r"threads: +(\d+) per rank", done.stdout).group(1)
+    pools = [line for line in done.stdout.splitlines() if line.startswith("thread pool:")]
+    assert pools and all(line.endswith(f": {limit} thread(s)") for line in pools), done.stdout
     assert done.stdout.count("world size") == 1
+
+
+def test_thread_limit_reaches_the_blas_libraries_loaded_after_it() -> None:
+    # As the benchmark workers do: limit first, import the network core afterwards.
+    script = (
+        "from mpi4py import MPI\n"
+        "from mpitrain import threads\n"
+        "threads.limit_threads(MPI.COMM_SELF, 1)\n"
+        "import mpitrain.nn\n"
+        "print('\\n'.join(threads.thread_pools()))\n"
+    )
+    command = mpiexec_command(1, sys.executable, "-c", script)
+    done = subprocess.run(command, capture_output=True, text=True, env=child_environment(120), timeout=130, check=False)
+    assert done.returncode == 0, done.stderr
+    pools = done.stdout.splitlines()
+    assert pools and all(line.endswith(": 1 thread(s)") for line in pools), done.stdout
 
 
 def test_train_is_the_default_command() -> None:
