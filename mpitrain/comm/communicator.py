@@ -138,7 +138,9 @@ class Communicator:
         progress = self.shared.allocate(2, np.int64)
         members = self.shared.node.allgather((self.rank, os.getpid(), process_start()))
         arrays = self.shared.windows[-1].peers
-        return progress, [Peer(*member[:1], array, *member[1:]) for member, array in zip(members, arrays, strict=True)]
+        return progress, [
+            Peer(rank, array, pid, start) for (rank, pid, start), array in zip(members, arrays, strict=True)
+        ]
 
     def _shared_buffers(self, node_size: int | None) -> SharedBuffers | None:
         if node_size is None:
@@ -237,8 +239,7 @@ class Communicator:
                 finish(flat)
         elif algorithm == "shm":
             window, offset = shared
-            how = Reduction(reduce, finish, self._segment_elems(flat), self._scratch_for(flat.dtype))
-            self.shared.allreduce(window, offset, flat.size, how)
+            self.shared.allreduce(window, offset, flat.size, self._reduction(op, flat, finish))
         else:
             ring.allreduce(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype), finish)
 
@@ -274,6 +275,10 @@ class Communicator:
             finish(flat[start:stop])
         return start, stop
 
+    def _reduction(self, op: str, flat: np.ndarray, finish: Callable[[np.ndarray], None] | None) -> Reduction:
+        """How the shared-memory algorithms reduce and finish ``flat`` (its segment and scratch included)."""
+        return Reduction(reducer(op, flat.dtype), finish, self._segment_elems(flat), self._scratch_for(flat.dtype))
+
     def _owned(self, count: int, algorithm: str) -> tuple[int, int]:
         if algorithm == "shm" and self.shared is not None:
             return ring.chunk_bounds(count, self.shared.node.Get_size())[self.shared.node.Get_rank()]
@@ -291,8 +296,7 @@ class Communicator:
     ) -> None:
         if algorithm == "shm":  # finishes each part of the chunk while it is in cache
             window, offset = shared
-            how = Reduction(reducer(op, flat.dtype), finish, self._segment_elems(flat), self._scratch_for(flat.dtype))
-            self.shared.reduce_scatter(window, offset, flat.size, how)
+            self.shared.reduce_scatter(window, offset, flat.size, self._reduction(op, flat, finish))
             return
         if algorithm == "native":
             # Out of place: MPICH 5.0.2's in-place Reduce_scatter fails an overlap

@@ -125,11 +125,14 @@ class Module:
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
         """(dotted name, Parameter) for every parameter, in forward order."""
-        for name, value in vars(self).items():
-            if isinstance(value, Parameter):
-                yield prefix + name, value
+        for name, value in self._own_parameters():
+            yield prefix + name, value
         for name, child in self._named_children():
             yield from child.named_parameters(f"{prefix}{name}.")
+
+    def _own_parameters(self) -> list[tuple[str, Parameter]]:
+        """(attribute name, Parameter) of this module itself, not its children."""
+        return [(name, value) for name, value in vars(self).items() if isinstance(value, Parameter)]
 
     def _named_children(self) -> list[tuple[str, Module]]:
         return [(k, v) for k, v in vars(self).items() if isinstance(v, Module)]
@@ -193,11 +196,10 @@ class Module:
         if not lazy:
             self.flat_grads.fill(0)
         for module in self.modules():
-            for p in vars(module).values():
-                if isinstance(p, Parameter):
-                    p.grad_stale = lazy and module.writes_stale_grads
-                    if lazy and not p.grad_stale:
-                        p.grad.fill(0)
+            for _, p in module._own_parameters():
+                p.grad_stale = lazy and module.writes_stale_grads
+                if lazy and not p.grad_stale:
+                    p.grad.fill(0)
 
     def settle_grads(self) -> None:
         """Zero every gradient still stale after a lazy ``zero_grad`` (its layer's backward did not run)."""
