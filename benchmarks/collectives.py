@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from gloo import init_gloo
 from mpi4py import MPI
 
 from mpitrain import threads
 from mpitrain.comm import Communicator
-from mpitrain.jobs import init_gloo
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 GLOO_OPS = ("allreduce", "broadcast")
@@ -113,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark on COMM_WORLD; rank 0 prints; returns the exit status (same on every rank)."""
     world = MPI.COMM_WORLD
     rank, p = world.Get_rank(), world.Get_size()
-    nthreads = threads.limit_threads(world, 1)
     comm = Communicator(checked=args.checked)
+    nthreads = threads.limit_threads(comm.local_size, 1)
     dtype = np.dtype(args.dtype)
     algorithms = args.algorithms.split(",") if args.algorithms else [OURS[args.op], "auto", "native", "gloo"]
     if "gloo" in algorithms and (args.op not in GLOO_OPS or not init_gloo(world, 1)):

@@ -20,7 +20,7 @@ from mpi4py import MPI
 from mpitrain import threads
 from mpitrain.comm import Communicator
 from mpitrain.data import ShardedBatches, load_digits
-from mpitrain.nn import build_model
+from mpitrain.nn import SoftmaxCrossEntropy, build_model
 from mpitrain.optim import SGD
 from mpitrain.parallel import DataParallel
 
@@ -44,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     world = MPI.COMM_WORLD
-    threads.limit_threads(world)
     comm = Communicator(world, timeout=300)
+    threads.limit_threads(comm.local_size)
     data = load_digits()
     model = build_model("mlp", data.sample_shape, data.num_classes).init_params(allocate=comm.allocate)
-    dp = DataParallel(model, SGD(model.flat_params, model.flat_grads, 0.05, momentum=0.9), comm)
+    dp = DataParallel(
+        model, SGD(model.flat_params, model.flat_grads, 0.05, momentum=0.9), comm, loss=SoftmaxCrossEntropy()
+    )
     dp.broadcast_parameters()
     batches = ShardedBatches(len(data.x_train), 32, comm.rank, comm.size, seed=0)
     x, y = np.empty((32, *data.sample_shape), np.float32), np.empty(32, np.int64)

@@ -23,13 +23,15 @@ import subprocess
 import sys
 
 import numpy as np
+from gloo import init_gloo
 
-from mpitrain.jobs import child_environment, init_gloo, mpiexec_command
+from mpitrain.jobs import child_environment, mpiexec_command
 
-MODELS = {"mlp": (1024, 1024), "cnn": (64,)}
+MODELS = {"mlp": (1024, 1024), "mlp-small": (256, 256), "cnn": (64,)}
 INPUT = (1, 28, 28)
 CLASSES = 10
-FRAMEWORKS = ("mpitrain", "sharded", "ddp")
+FRAMEWORKS = ("mpitrain", "sharded", "ddp", "numpy", "numpy+mpi")
+PLAIN = ("numpy", "numpy+mpi")  # the plain loops of benchmarks/plain.py: MLPs only; numpy at 1 rank, +mpi at 2+
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -39,11 +41,14 @@ def worker(args: argparse.Namespace) -> None:
     from mpitrain import threads
 
     world = MPI.COMM_WORLD
-    nthreads = threads.limit_threads(world, args.threads)
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    nthreads = threads.limit_threads(node.Get_size(), args.threads)
+    node.Free()
     rng = np.random.default_rng([args.seed, world.Get_rank()])
     x = rng.standard_normal((args.batch, *INPUT), dtype=np.float32)
     y = rng.integers(0, CLASSES, args.batch)
-    step, breakdown, reset = (_ddp_step if args.framework == "ddp" else _mpitrain_step)(args, world, nthreads, x, y)
+    make = {"ddp": _ddp_step, "numpy": _plain_step, "numpy+mpi": _plain_step}.get(args.framework, _mpitrain_step)
+    step, breakdown, reset = make(args, world, nthreads, x, y)
     for _ in range(args.warmup):
         step()
     reset()
@@ -63,27 +68,47 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def _mpitrain_step(args, world, nthreads, x, y):
+    """What ``python -m mpitrain train`` runs per step: the allreduce strategy with its default checks
+    (replica digest every 100 steps, NaN verdict, a watchdog), each step watched as the loop does."""
     from mpitrain.comm import Communicator
-    from mpitrain.nn import build_model
+    from mpitrain.nn import SoftmaxCrossEntropy, build_model
     from mpitrain.optim import SGD
-    from mpitrain.parallel import DataParallel
+    from mpitrain.parallel import AllReduce, Job
+    from mpitrain.parallel.data_parallel import AllReduceOptions
 
-    comm = Communicator(world, checked=False)  # as python -m mpitrain train without --check-collectives
-    model = build_model(args.model, INPUT, CLASSES, MODELS[args.model]).init_params(seed=0, allocate=comm.allocate)
-    optimizer = SGD(model.flat_params, model.flat_grads, 0.01, momentum=0.9, allocate=comm.allocate)
-    dp = DataParallel(model, optimizer, comm, bucket_bytes=int(args.bucket_mb * 2**20), overlap=not args.no_overlap,
-                      micro_batch=args.micro_batch, shard_optimizer=args.framework == "sharded")  # fmt: skip
-    dp.broadcast_parameters()
+    comm = Communicator(world, checked=False, timeout=300)  # the CLI's defaults
+    job = Job(
+        lambda: build_model(args.model.split("-")[0], INPUT, CLASSES, MODELS[args.model]),
+        lambda params, grads, allocate: SGD(params, grads, 0.01, momentum=0.9, allocate=allocate),
+        SoftmaxCrossEntropy,
+    )
+    options = AllReduceOptions(bucket_mb=args.bucket_mb, overlap=not args.no_overlap, micro_batch=args.micro_batch,
+                               shard_optimizer=args.framework == "sharded")  # fmt: skip
+    strategy = AllReduce(job, comm, options)
+    strategy.start()
+    engine = strategy.engine
+
+    def step() -> None:
+        with comm.watch("training step"):
+            strategy.step(x, y)
 
     def breakdown() -> dict[str, float]:
-        steps = max(dp.steps, 1)
-        return {phase: seconds / steps for phase, seconds in dp.timings.items()}
+        steps = max(engine.steps, 1)
+        return {phase: seconds / steps for phase, seconds in engine.timings.items()}
 
     def reset() -> None:
-        dp.timings = dict.fromkeys(dp.timings, 0.0)
-        dp.steps = 0
+        engine.timings = dict.fromkeys(engine.timings, 0.0)
+        engine.steps = 0
 
-    return lambda: dp.train_step(x, y), breakdown, reset
+    return step, breakdown, reset
+
+
+def _plain_step(args, world, nthreads, x, y):
+    from plain import PlainMLP
+
+    model = PlainMLP([784, *MODELS[args.model], CLASSES])
+    comm = world if args.framework == "numpy+mpi" else None
+    return lambda: model.step(x, y, comm), dict, lambda: None
 
 
 def _ddp_step(args, world, nthreads, x, y):
@@ -92,8 +117,9 @@ def _ddp_step(args, world, nthreads, x, y):
 
     init_gloo(world, nthreads)
     torch.manual_seed(0)
-    if args.model == "mlp":
-        layers = [nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)]
+    if args.model.startswith("mlp"):
+        a, b = MODELS[args.model]
+        layers = [nn.Flatten(), nn.Linear(784, a), nn.ReLU(), nn.Linear(a, b), nn.ReLU(), nn.Linear(b, 10)]
     else:
         # The same layer order as mpitrain's cnn: pooling before ReLU (the same function, less ReLU work).
         layers = [nn.Conv2d(1, 16, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1)]
@@ -130,6 +156,8 @@ def driver(args: argparse.Namespace) -> int:
         for model in args.models.split(","):
             for n in ranks:
                 for framework in frameworks:
+                    if framework in PLAIN and (model == "cnn" or (framework == "numpy") != (n == 1)):
+                        continue
                     record = run_worker(args, framework, model, n)
                     if record is None:
                         return 1
@@ -169,24 +197,29 @@ def median_record(group: list[dict]) -> dict:
 
 
 def print_table(records: list[dict]) -> None:
-    """Samples/s, scaling, ratio to DDP and the mpitrain step breakdown (of the median run), the number of
-    runs and their range (max - min) in percent of the median."""
+    """Samples/s, scaling, ratios to DDP and to the plain loop (numpy at 1 rank, numpy+mpi at more), the
+    mpitrain step breakdown (of the median run), the number of runs and their range (max - min) in percent
+    of the median."""
     base = {(r["framework"], r["model"]): r["samples_per_s"] for r in records if r["ranks"] == 1}
     ddp = {(r["model"], r["ranks"]): r["samples_per_s"] for r in records if r["framework"] == "ddp"}
+    plain = {(r["model"], r["ranks"]): r["samples_per_s"] for r in records if r["framework"] in PLAIN}
+    nan = float("nan")
     print(
-        f"# {'framework':>9} {'model':>5} {'ranks':>5} {'thr':>3} {'samples/s':>10} {'scaling':>7} {'eff':>5} "
-        f"{'vs_ddp':>6} {'step_ms':>8} {'fwd_ms':>7} {'bwd_ms':>7} {'wait_ms':>7} {'opt_ms':>7} {'wait%':>5} "
-        f"{'runs':>4} {'range%':>6}"
+        f"# {'framework':>9} {'model':>9} {'ranks':>5} {'thr':>3} {'samples/s':>10} {'scaling':>7} {'eff':>5} "
+        f"{'vs_ddp':>6} {'vs_plain':>8} {'step_ms':>8} {'fwd_ms':>7} {'bwd_ms':>7} {'wait_ms':>7} {'opt_ms':>7} "
+        f"{'wait%':>5} {'runs':>4} {'range%':>6}"
     )
     for r in records:
-        speedup = r["samples_per_s"] / base.get((r["framework"], r["model"]), float("nan"))
-        versus = r["samples_per_s"] / ddp[(r["model"], r["ranks"])] if (r["model"], r["ranks"]) in ddp else float("nan")
-        parts = [r.get(f"{k}_ms", float("nan")) for k in ("forward", "backward", "allreduce_wait", "optimizer")]
+        key = (r["model"], r["ranks"])
+        speedup = r["samples_per_s"] / base.get((r["framework"], r["model"]), nan)
+        versus = r["samples_per_s"] / ddp.get(key, nan)
+        over_plain = r["samples_per_s"] / plain.get(key, nan)
+        parts = [r.get(f"{k}_ms", nan) for k in ("forward", "backward", "allreduce_wait", "optimizer")]
         runs = r.get("runs_samples_per_s", [r["samples_per_s"]])
         spread = 100 * (max(runs) - min(runs)) / r["samples_per_s"]
         print(
-            f"  {r['framework']:>9} {r['model']:>5} {r['ranks']:>5} {r['threads']:>3} {r['samples_per_s']:>10.0f} "
-            f"{speedup:>7.2f} {speedup / r['ranks']:>5.2f} {versus:>6.2f} {r['step_ms']:>8.2f} "
+            f"  {r['framework']:>9} {r['model']:>9} {r['ranks']:>5} {r['threads']:>3} {r['samples_per_s']:>10.0f} "
+            f"{speedup:>7.2f} {speedup / r['ranks']:>5.2f} {versus:>6.2f} {over_plain:>8.2f} {r['step_ms']:>8.2f} "
             + " ".join(f"{v:>7.2f}" for v in parts)
             + f" {100 * parts[2] / r['step_ms']:>5.1f} {len(runs):>4} {spread:>6.1f}"
         )
@@ -216,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse options; ``--worker`` runs inside an MPI job, otherwise this is the driver."""
     parser = argparse.ArgumentParser(prog="benchmarks/training.py", description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", default="1,2,4", help="rank counts, e.g. 1,2,4")
-    parser.add_argument("--models", default="mlp,cnn", help="mlp (784-1024-1024-10) and/or cnn")
+    parser.add_argument("--models", default="mlp,mlp-small,cnn",
+                        help="mlp (784-1024-1024-10), mlp-small (784-256-256-10), cnn")  # fmt: skip
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     parser.add_argument("--batch", type=int, default=128, help="per-rank batch")
@@ -224,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket-mb", type=float, default=1.0, help="mpitrain gradient bucket size")
     parser.add_argument("--no-overlap", action="store_true", help="mpitrain: all-reduce after backward")
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS),
-                        help="mpitrain (all-reduce), sharded (mpitrain --shard-optimizer), ddp")  # fmt: skip
+                        help="mpitrain (all-reduce), sharded (mpitrain --shard-optimizer), ddp, and the plain loops "
+                             "numpy (1 rank) and numpy+mpi (2+ ranks: one in-place Allreduce per step)")  # fmt: skip
     parser.add_argument("--micro-batch", type=int, default=0, help="mpitrain: samples per forward/backward (0: auto)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per worker job")
     parser.add_argument("--repeat", type=int, default=1,

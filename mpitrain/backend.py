@@ -93,11 +93,10 @@ def matmul_into(a: Any, b: Any, out: Any, add: bool, scratch: Callable[[], Any] 
     Adding into a large host array (``GEMM_ADD_MIN_ELEMENTS``, float32 or
     float64, each operand C- or Fortran-contiguous) is one BLAS gemm with
     beta 1, which adds the product into ``out`` as it goes; a matmul and then
-    an add would write a temporary and read it back with ``out``. Measured on
-    one Xeon core between other products, batch 128: a 1024x1024 weight
-    gradient took 1.61 ms instead of 2.06 ms. Smaller arrays take the matmul
-    and the add: scipy's BLAS is a second library, and going back and forth
-    costs each call 5-30 us. Their product goes to ``scratch()`` (an array
+    an add would write a temporary and read it back with ``out``. Smaller
+    arrays take the matmul and the add: scipy's BLAS is a second library,
+    and going back and forth costs more than it saves on small products
+    (README, "Speed on a core"). Their product goes to ``scratch()`` (an array
     shaped like ``out``) when given, else to a new array.
     """
     xp = array_module_of(out)

@@ -1,12 +1,19 @@
-"""Checkpoints: atomic, checksummed ``.npz`` files (no pickle), the last K kept, the newest valid one found.
+"""Checkpoints: one folder per checkpoint, one shard per rank, written atomically as a whole.
 
-A checkpoint is one ``.npz`` holding named arrays plus ``meta``, a JSON
-document stored as bytes, and ``sha256``, the hex digest of everything else
-(names, dtypes, shapes and bytes, in name order). It is written to a
-temporary file in the same folder, fsynced, renamed into place and the
-folder fsynced: a reader sees the old set of files or the new one, never half
-a file. Loading verifies the digest and the format version; a damaged newest
-file is reported and the previous one used.
+A checkpoint ``ckpt-000000020/`` (the global step) holds
+
+- ``replicated.npz``: state that is the same on every rank, written once by rank 0;
+- ``rank-00003.npz``: each rank's own state (random streams' positions,
+  error-feedback residuals, a server's parameter range, its epoch totals);
+- ``manifest.json``: the format version, the run's id, the world size,
+  JSON metadata, and the sha256 of every file, written last.
+
+Every rank writes its shard into a hidden temporary folder (a file system
+all ranks see, as for any multi-rank checkpoint), each file fsynced; rank 0
+then writes the manifest and renames the folder into place, so a reader
+sees the whole checkpoint or none of it, and the newest folder whose files
+all match the manifest wins. ``.npz`` files never hold pickles. Pruning
+removes only the checkpoints of the run that writes (its ``run_id``).
 """
 
 from __future__ import annotations
@@ -16,18 +23,42 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
-PATTERN = "ckpt-{step:09d}.npz"
-_NAME = re.compile(r"ckpt-(\d{9})\.npz$")
+from mpitrain.comm import Communicator, mark_all_ranks
+from mpitrain.parallel.base import State
+
+FORMAT_VERSION = 2
+PATTERN = "ckpt-{step:09d}"
+MANIFEST = "manifest.json"
+REPLICATED = "replicated.npz"
+_NAME = re.compile(r"ckpt-(\d{9})$")
+_OLD_NAME = re.compile(r"ckpt-(\d{9})\.npz$")  # format 1: one file per checkpoint
 
 
-def atomic_save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` as .npz via a temporary file in the same folder, fsync, rename.
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(f: Any) -> str:
+    h = hashlib.sha256()
+    while block := f.read(1 << 20):
+        h.update(block)
+    return h.hexdigest()
+
+
+def atomic_save_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
+    """Write ``arrays`` to ``path`` as .npz via a temporary file in the same folder, fsync, rename;
+    return the file's sha256.
 
     Raises:
         FileNotFoundError: the destination folder does not exist.
@@ -37,95 +68,167 @@ def atomic_save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
         raise FileNotFoundError(f"{path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w+b") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+            f.seek(0)
+            checksum = _sha256(f)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    _fsync_folder(folder)  # make the rename itself durable
+    return checksum
 
 
-def digest(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of ``arrays``, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+@dataclass
+class Found:
+    """A checkpoint read back: this rank's State, the manifest's meta, where it was, what was skipped."""
 
-
-def save(folder: str, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any], keep: int) -> str:
-    """Write checkpoint ``step`` into ``folder`` and delete all but the newest ``keep``; return its path."""
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
-    os.makedirs(folder, exist_ok=True)
-    payload = {**arrays, "meta": np.frombuffer(json.dumps({**meta, "format": FORMAT_VERSION}).encode(), np.uint8)}
-    payload["sha256"] = np.frombuffer(digest(payload).encode(), np.uint8)
-    path = os.path.join(folder, PATTERN.format(step=step))
-    atomic_save_npz(path, payload)
-    for old in checkpoints(folder)[keep:]:
-        os.unlink(old)
-    return path
+    state: State
+    meta: dict[str, Any]
+    path: str
+    world_size: int
+    run_id: str
+    skipped: list[str]
 
 
 def checkpoints(folder: str) -> list[str]:
-    """Checkpoint files in ``folder``, newest (highest step) first."""
-    found = [p for p in glob.glob(os.path.join(folder, "ckpt-*.npz")) if _NAME.search(p)]
+    """Complete checkpoint folders (with a manifest) in ``folder``, newest (highest step) first."""
+    found = [p for p in glob.glob(os.path.join(folder, "ckpt-*")) if _NAME.search(p) and _has_manifest(p)]
     return sorted(found, key=lambda p: int(_NAME.search(p).group(1)), reverse=True)
 
 
-def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read and verify one checkpoint; returns (arrays, meta).
-
-    Raises:
-        ValueError: unreadable, truncated, checksum mismatch, missing parts, or
-            a format newer than this version understands.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except Exception as exc:
-        raise ValueError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if "sha256" not in arrays or "meta" not in arrays:
-        raise ValueError(f"{path}: not an mpitrain checkpoint (no meta or sha256)")
-    stored = arrays.pop("sha256").tobytes().decode(errors="replace")
-    if digest(arrays) != stored:
-        raise ValueError(f"{path}: checksum mismatch, the file is corrupted")
-    meta = json.loads(arrays.pop("meta").tobytes().decode())
-    if meta.get("format", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: checkpoint format {meta['format']} is newer than this mpitrain reads ({FORMAT_VERSION})"
-        )
-    return arrays, meta
+def _has_manifest(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
 
 
-def load_newest(source: str) -> tuple[dict[str, np.ndarray], dict[str, Any], str, list[str]]:
-    """The newest valid checkpoint from a folder (or the one file named); also the problems skipped on the way.
-
-    Returns (arrays, meta, path, skipped) where ``skipped`` says, per newer
-    file that failed, why it was passed over.
-
-    Raises:
-        FileNotFoundError: no checkpoint there.
-        ValueError: every checkpoint there is damaged (the message lists why).
-    """
-    paths = [source] if os.path.isfile(source) else checkpoints(source)
-    if not paths:
-        raise FileNotFoundError(f"{source}: no checkpoint (ckpt-*.npz) to resume from")
-    skipped = []
-    for path in paths:
+def runs(folder: str) -> dict[str, int]:
+    """The run ids of the complete checkpoints in ``folder``, each with its newest step."""
+    newest: dict[str, int] = {}
+    for path in checkpoints(folder):
         try:
-            arrays, meta = load(path)
-        except ValueError as exc:
-            skipped.append(str(exc))
+            run = _manifest(path)["run_id"]
+        except ValueError:
             continue
-        return arrays, meta, path, skipped
-    raise ValueError("no valid checkpoint to resume from: " + "; ".join(skipped))
+        newest.setdefault(run, int(_NAME.search(path).group(1)))
+    return newest
+
+
+def save(comm: Communicator, folder: str, step: int, state: State, run_id: str, keep: int) -> str:
+    """Write checkpoint ``step`` of run ``run_id`` into ``folder`` (collective) and keep this run's
+    newest ``keep``; returns the checkpoint's path."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    final = os.path.join(folder, PATTERN.format(step=step))
+    tmp = os.path.join(folder, f".tmp-{os.path.basename(final)}-{run_id}")
+    with comm.agreement():
+        if comm.rank == 0:
+            os.makedirs(folder, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftover of this very checkpoint
+            os.makedirs(tmp)
+    with comm.agreement():
+        files = {
+            f"rank-{comm.rank:05d}.npz": atomic_save_npz(os.path.join(tmp, f"rank-{comm.rank:05d}.npz"), state.local)
+        }
+        if comm.rank == 0:
+            files[REPLICATED] = atomic_save_npz(os.path.join(tmp, REPLICATED), state.replicated)
+    everything = {name: digest for part in comm.gather_object(files) or [] for name, digest in part.items()}
+    with comm.agreement():
+        if comm.rank == 0:
+            manifest = {
+                "format": FORMAT_VERSION,
+                "run_id": run_id,
+                "step": step,
+                "world_size": comm.size,
+                "meta": state.meta,
+                "files": everything,
+            }
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump(manifest, f)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_folder(tmp)
+            if os.path.exists(final):  # the same step written again (a resumed run): the new one wins
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_folder(folder)
+            mine = [p for p in checkpoints(folder) if _run_of(p) == run_id]
+            for old in mine[keep:]:
+                shutil.rmtree(old)
+    return final
+
+
+def _run_of(path: str) -> str | None:
+    try:
+        return _manifest(path)["run_id"]
+    except ValueError:
+        return None
+
+
+def _manifest(path: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable manifest ({type(exc).__name__}: {exc})") from exc
+    if manifest.get("format", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format {manifest['format']} is newer than this mpitrain reads ({FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def _read(path: str, name: str, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One file of a checkpoint, verified against the manifest's sha256."""
+    file = os.path.join(path, name)
+    expected = manifest["files"].get(name)
+    if expected is None:
+        raise ValueError(f"{path}: the manifest lists no {name}")
+    try:
+        with open(file, "rb") as f:
+            if _sha256(f) != expected:
+                raise ValueError(f"{file}: checksum mismatch, the file is corrupted")
+        with np.load(file, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except OSError as exc:
+        raise ValueError(f"{file}: unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def load_newest(comm: Communicator, source: str) -> Found:
+    """The newest checkpoint in ``source`` (a folder of them, or one checkpoint folder) that every rank
+    reads intact (collective); damaged newer ones are skipped and reported in ``Found.skipped``.
+
+    Raises (on every rank):
+        FileNotFoundError: no checkpoint there.
+        ValueError: every checkpoint is damaged, or the folder holds only format-1 files.
+    """
+    paths = [source] if _has_manifest(source) else checkpoints(source)
+    if not paths:
+        old = [p for p in glob.glob(os.path.join(source, "ckpt-*.npz")) if _OLD_NAME.search(p)]
+        if old:
+            raise mark_all_ranks(
+                ValueError(
+                    f"{source} holds format-1 checkpoints (ckpt-*.npz files, written by mpitrain 0.1); this "
+                    f"version reads format {FORMAT_VERSION} (one folder per checkpoint): resume them with the "
+                    "version that wrote them"
+                )
+            )
+        raise mark_all_ranks(FileNotFoundError(f"{source}: no checkpoint (ckpt-*/{MANIFEST}) to resume from"))
+    skipped: list[str] = []
+    for path in paths:
+        problem, found = None, None
+        try:
+            manifest = _manifest(path)
+            same_world = manifest["world_size"] == comm.size
+            local = _read(path, f"rank-{comm.rank:05d}.npz", manifest) if same_world else {}
+            state = State(_read(path, REPLICATED, manifest), local, manifest["meta"])
+            found = Found(state, manifest["meta"], path, manifest["world_size"], manifest["run_id"], skipped)
+        except (ValueError, KeyError) as exc:
+            problem = f"rank {comm.rank}: {exc}"
+        problems = [p for p in comm.allgather_object(problem) if p is not None]
+        if not problems:
+            return found
+        skipped.append(problems[0])
+    raise mark_all_ranks(ValueError("no valid checkpoint to resume from: " + "; ".join(skipped)))

@@ -7,25 +7,28 @@ makes every rank exit with the same non-zero code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import runpy
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from mpi4py import MPI
 
 from mpitrain import backend, faults, threads
+from mpitrain.cli_types import fraction, hidden, nonneg_float, nonneg_int, positive_float, positive_int
 from mpitrain.comm import Communicator, Tuning, mark_all_ranks, raised_on_all_ranks
-from mpitrain.comm.communicator import ALLREDUCE_ALGORITHMS
-from mpitrain.comm.watchdog import abort_job
+from mpitrain.comm.watchdog import GRACE, abort_job
 from mpitrain.nn import MODELS
 from mpitrain.optim import OPTIMIZERS, SCHEDULES
-from mpitrain.train import TrainConfig, train
+from mpitrain.parallel import STRATEGIES, options_for, strategy_class
+from mpitrain.train import STATUS, TrainConfig, train, train_config
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # as a shell reports a program ended by Ctrl-C
 
 TRAIN_EXAMPLES = """examples:
   mpirun -np 4 python -m mpitrain                      # MLP on digits, 4 ranks
@@ -50,70 +53,24 @@ class _Parser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
 
-def _bounded(kind: Callable[[str], Any], low: float, what: str, inclusive: bool = True) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if not (value >= low if inclusive else value > low) or value != value:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}")
-        return value
-
-    return parse
-
-
-def _hidden(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive sizes, e.g. 128,64")
-    return sizes
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number in [0, 1)")
-    return value
-
-
-def _compression(text: str) -> str:
-    if text in ("none", "fp16", "bf16"):
-        return text
-    ratio = text[5:] if text.startswith("topk:") else ""
-    try:
-        valid = 0.0 < float(ratio) <= 1.0
-    except ValueError:
-        valid = False
-    if not valid:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected none, fp16, bf16 or topk:RATIO with RATIO in (0, 1]")
-    return text
-
-
-positive_int = _bounded(int, 1, "an integer >= 1")
-nonneg_int = _bounded(int, 0, "an integer >= 0")
-positive_float = _bounded(float, 0.0, "a number > 0", inclusive=False)
-nonneg_float = _bounded(float, 0.0, "a number >= 0")
-
-
 def _train_parser(prog: str) -> _Parser:
     d = TrainConfig()
     p = _Parser(
         prog=f"{prog} train",
-        description="Synchronous data-parallel training over MPI (the default subcommand).",
+        description="Train a model over MPI with a strategy (the default subcommand).",
         epilog=TRAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", choices=MODELS, default=d.model, help="model (default %(default)s)")
-    p.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden sizes, e.g. 128,64")
-    p.add_argument("--dropout", type=_fraction, default=d.dropout, help="dropout after hidden layers (default 0)")
+    p.add_argument("--hidden", type=hidden, default=d.hidden, help="hidden sizes, e.g. 128,64")
+    p.add_argument("--dropout", type=fraction, default=d.dropout, help="dropout after hidden layers (default 0)")
     p.add_argument("--dataset", default=d.dataset, help="digits (default), synthetic, or a Keras-layout .npz path")
     p.add_argument("--synthetic-samples", type=positive_int, default=d.synthetic_samples, help="size of synthetic")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="default %(default)s")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="per rank (default %(default)s)")
     p.add_argument("--lr", type=positive_float, default=d.lr, help="learning rate (default %(default)s)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="default %(default)s")
-    p.add_argument("--momentum", type=_fraction, default=d.momentum, help="SGD momentum (default %(default)s)")
+    p.add_argument("--momentum", type=fraction, default=d.momentum, help="SGD momentum (default %(default)s)")
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
     p.add_argument("--weight-decay", type=nonneg_float, default=d.weight_decay, help="default %(default)s")
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="LR schedule (default %(default)s)")
@@ -123,18 +80,8 @@ def _train_parser(prog: str) -> _Parser:
     p.add_argument("--seed", type=nonneg_int, default=d.seed, help="default %(default)s")
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="default %(default)s")
     p.add_argument("--backend", choices=backend.BACKENDS, default=d.backend, help="array backend")
-    p.add_argument("--algorithm", choices=ALLREDUCE_ALGORITHMS, default=d.algorithm, help="gradient all-reduce")
-    p.add_argument("--bucket-mb", type=positive_float, default=d.bucket_mb, help="MiB per gradient all-reduce")
-    p.add_argument("--no-overlap", dest="overlap", action="store_false", help="all-reduce only after backward")
-    p.add_argument("--compression", type=_compression, default=d.compression, help="none, fp16, bf16, topk:RATIO")
-    p.add_argument("--accumulate", type=positive_int, default=d.accumulate, help="micro-batches per step")
-    p.add_argument("--shard-optimizer", action="store_true",
-                   help="reduce-scatter gradients, update own chunks, all-gather parameters")  # fmt: skip
-    p.add_argument("--micro-batch", type=nonneg_int, default=d.micro_batch,
-                   help="at most N samples per forward/backward (0: automatic, ~4 MiB of layer outputs)")  # fmt: skip
-    p.add_argument("--nonfinite", choices=("abort", "skip"), default=d.nonfinite, help="NaN/Inf gradients")
-    p.add_argument("--check-replicas-every", type=nonneg_int, default=d.check_replicas_every,
-                   help="steps between replica digest checks (and every epoch end; 0: epoch ends only)")  # fmt: skip
+    p.add_argument("--strategy", choices=tuple(STRATEGIES), default=d.strategy,
+                   help="how ranks train together (default %(default)s); each has its options below")  # fmt: skip
     p.add_argument("--check-collectives", action="store_true", help="ranks agree on every collective call first")
     p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds before a stuck job is aborted")
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="write checkpoints here")
@@ -148,7 +95,29 @@ def _train_parser(prog: str) -> _Parser:
     p.add_argument("--metrics", default=None, metavar="FILE.jsonl", help="one JSON line per epoch")
     p.add_argument("--save", default=None, metavar="FILE.npz", help="write the final parameters")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    for name, cls in STRATEGIES.items():
+        cls.add_arguments(p.add_argument_group(f"--strategy {name}", (cls.__doc__ or "").split("\n")[0]))
     return p
+
+
+def _strategy_flags(parser: _Parser) -> dict[str, set[str]]:
+    """Each strategy's option strings, from its argument group."""
+    groups = {g.title: g for g in parser._action_groups}
+    actions = {name: groups[f"--strategy {name}"]._group_actions for name in STRATEGIES}
+    return {name: {option for action in group for option in action.option_strings} for name, group in actions.items()}
+
+
+def _check_strategy_flags(parser: _Parser, argv: Sequence[str], args: argparse.Namespace) -> None:
+    """A flag of another strategy than the chosen one is a usage error, as are options that conflict."""
+    given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    for name, flags in _strategy_flags(parser).items():
+        stray = sorted(given & flags) if name != args.strategy else []
+        if stray:
+            parser.error(f"{', '.join(stray)} belong(s) to --strategy {name}; this run uses --strategy {args.strategy}")
+    try:
+        strategy_class(args.strategy).validate(options_for(args.strategy, vars(args)), args.batch_size)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def _info_parser(prog: str) -> _Parser:
@@ -170,6 +139,7 @@ def _run_bench(args: argparse.Namespace, comm: Communicator) -> None:
     with comm.agreement():
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: the benchmarks ship with the source checkout, not the installed package")
+    sys.path.insert(0, os.path.dirname(path))  # the benchmarks import their shared helpers (gloo.py)
     module = runpy.run_path(path, run_name="mpitrain_bench")
     status = module["main"](args.options)
     if status:
@@ -177,24 +147,27 @@ def _run_bench(args: argparse.Namespace, comm: Communicator) -> None:
 
 
 def _run_train(args: argparse.Namespace, comm: Communicator) -> None:
-    count = threads.limit_threads(comm.comm, args.threads)
+    count = threads.limit_threads(comm.local_size, args.threads)
     if args.resume == "":
         if not args.checkpoint_dir:
             raise UsageError("python -m mpitrain train: error: --resume needs a PATH or --checkpoint-dir")
         args.resume = args.checkpoint_dir
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "threads", "timeout", "check_collectives")}
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = own | {f.name for f in dataclasses.fields(strategy_class(args.strategy).Options)}
+    config = train_config(**{k: v for k, v in vars(args).items() if k in known})
     # Which process is which rank, so a launcher's "process PID ... killed" names a rank.
     places = comm.allgather_object(f"{MPI.Get_processor_name()}:{os.getpid()}")
     if comm.rank == 0:
         print(f"# mpitrain: {comm.size} rank(s), {count} BLAS thread(s) per rank", flush=True)
         print("# ranks (host:pid): " + " ".join(f"{r}={place}" for r, place in enumerate(places)), flush=True)
-    train(TrainConfig(**options), comm)
+    STATUS.update(step=0, checkpoint=None, checkpoint_dir=config.checkpoint_dir)
+    train(config, comm)
 
 
 def _run_info(args: argparse.Namespace, comm: Communicator) -> None:
     import mpi4py
 
-    count = threads.limit_threads(comm.comm)
+    count = threads.limit_threads(comm.local_size)
     hosts = comm.allgather_object(MPI.Get_processor_name())
     if comm.rank != 0:
         return
@@ -232,8 +205,11 @@ def parse(argv: Sequence[str], prog: str = "python -m mpitrain") -> argparse.Nam
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     if command == "train" and argv[:1] in (["-h"], ["--help"]) and MPI.COMM_WORLD.Get_rank() == 0:
         print(f"usage: {prog} [train|info|bench] [options]; the options of train follow\n")
-    args = COMMANDS[command][0](prog).parse_args(argv)
+    parser = COMMANDS[command][0](prog)
+    args = parser.parse_args(argv)
     args.command = command
+    if command == "train":
+        _check_strategy_flags(parser, argv, args)
     return args
 
 
@@ -259,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
+    except KeyboardInterrupt:
+        _interrupted(rank)
     except Exception as exc:  # noqa: BLE001 - decide between a clean exit and an abort
         if raised_on_all_ranks(exc):
             if rank == 0:
@@ -268,6 +246,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[rank {rank}] unexpected error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         abort_job(EXIT_ERROR)
     return 0
+
+
+def _interrupted(rank: int) -> None:
+    """Ctrl-C: one message from rank 0 (where the run stood and how to resume), then the whole job ends
+    with EXIT_INTERRUPTED; no rank prints a traceback, none is left waiting in a collective."""
+    if rank == 0:
+        step, saved = STATUS.get("step", 0), STATUS.get("checkpoint")
+        where = f"interrupted at step {step}" if step else "interrupted"
+        if saved:
+            hint = f"; newest checkpoint {saved}: add --resume to the same command to go on from it"
+        elif STATUS.get("checkpoint_dir"):
+            hint = "; no checkpoint was written yet"
+        else:
+            hint = "; no checkpoints were asked for (--checkpoint-dir DIR --checkpoint-every N keeps progress)"
+        print(where + hint, file=sys.stderr, flush=True)
+    # Rank 0 ends the job; the others only if it cannot (so the library reports one abort, not one per rank).
+    abort_job(EXIT_INTERRUPTED, GRACE if rank == 0 else 3 * GRACE)
 
 
 def console_main() -> None:

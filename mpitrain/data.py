@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -103,12 +104,16 @@ def load_npz(path: str) -> Dataset:
             arrays, mismatched lengths or sample shapes, non-finite values,
             or labels that are not integers in [0, classes).
     """
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory; expected a .npz file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a readable .npz file: it is not a zip archive of arrays, as numpy.savez writes")
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
+        raise ValueError(f"{path}: not a readable .npz file ({type(exc).__name__})") from exc
     with archive:
         missing = [k for k in NPZ_KEYS if k not in archive.files]
         if missing:

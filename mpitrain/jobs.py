@@ -1,5 +1,4 @@
-"""Helpers for benchmark drivers and tests: child MPI jobs through the installation's own mpiexec,
-and PyTorch's gloo process group as the baseline the benchmarks compare against.
+"""Child MPI jobs for benchmark drivers and tests, through the installation's own mpiexec.
 
 Nothing here launches ranks itself: it only builds the ``mpiexec`` command
 line and an environment free of the variables of a job this process may
@@ -11,10 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-from typing import Any
 
 _JOB_VARIABLES = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPI_LOCAL", "OMPI_COMM", "OMPI_MCA_ess", "PRTE_")
 
@@ -42,32 +39,3 @@ def child_environment(timeout_s: float | None = None) -> dict[str, str]:
     if timeout_s is not None:
         env["MPIEXEC_TIMEOUT"] = str(int(timeout_s))
     return env
-
-
-def init_gloo(world: Any, threads: int) -> bool:
-    """Start torch.distributed's gloo process group from an MPI communicator's rank and size (the baseline
-    of the benchmarks); False when torch is not importable.
-
-    Rank 0 picks a free TCP port on its host (loopback when every rank is on
-    one host) and tells the others over MPI; torch gets ``threads`` threads.
-    """
-    try:
-        import torch
-        import torch.distributed as dist
-    except ImportError:
-        return False
-    from mpi4py import MPI
-
-    torch.set_num_threads(threads)
-    hosts = world.allgather(MPI.Get_processor_name())
-    address = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(hosts[0])
-    port = None
-    if world.Get_rank() == 0:
-        with socket.socket() as probe:
-            probe.bind((address, 0))
-            port = probe.getsockname()[1]
-    port = world.bcast(port, root=0)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://{address}:{port}", rank=world.Get_rank(), world_size=world.Get_size()
-    )
-    return True

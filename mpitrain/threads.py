@@ -8,19 +8,9 @@ from __future__ import annotations
 
 import os
 
-from mpi4py import MPI
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from mpitrain import backend  # noqa: F401 - loads every BLAS the core uses, so the limit reaches them all
-
-
-def ranks_on_this_node(comm: MPI.Comm) -> int:
-    """Number of ranks of ``comm`` sharing this node's memory (collective)."""
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return local.Get_size()
-    finally:
-        local.Free()
 
 
 def cores_available() -> int:
@@ -28,15 +18,12 @@ def cores_available() -> int:
     return max(1, min(os.cpu_count() or 1, len(os.sched_getaffinity(0))))
 
 
-def limit_threads(comm: MPI.Comm, threads: int | None = None) -> int:
-    """Limit BLAS/OpenMP thread pools to ``threads`` or cores // ranks-on-node (at least 1).
-
-    Collective over ``comm`` (it counts the node's ranks). Returns the limit set.
-    """
+def limit_threads(ranks_on_node: int, threads: int | None = None) -> int:
+    """Limit BLAS/OpenMP thread pools to ``threads`` or cores // ``ranks_on_node`` (at least 1)
+    (``Communicator.local_size`` is the count of ranks on this node). Returns the limit set."""
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    per_node = ranks_on_this_node(comm)
-    count = threads if threads is not None else max(1, cores_available() // per_node)
+    count = threads if threads is not None else max(1, cores_available() // max(1, ranks_on_node))
     threadpool_limits(limits=count)
     return count
 

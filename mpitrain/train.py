@@ -1,32 +1,42 @@
-"""The training loop: epochs, evaluation, metrics, progress and the final save."""
+"""The training loop: epochs, evaluation, metrics, progress, checkpoints and the final save.
+
+Strategy-agnostic: it reads batches for the data shard the strategy names,
+and calls the strategy's ``start``, ``step``, ``sync``, ``check``,
+``evaluate``, ``state_dict``, ``export`` and ``close`` (see ``parallel.base``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import sys
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from mpi4py import MPI
 from tqdm import tqdm
 
 from mpitrain import backend, checkpoint, faults
-from mpitrain.checkpoint import atomic_save_npz
-from mpitrain.comm import Communicator
+from mpitrain.comm import Communicator, mark_all_ranks, raised_on_all_ranks
 from mpitrain.data import Dataset, ShardedBatches, eval_shard, load_dataset
-from mpitrain.nn import Dropout, Module, SoftmaxCrossEntropy, build_model
+from mpitrain.nn import SoftmaxCrossEntropy, build_model
 from mpitrain.optim import LRSchedule, build_optimizer
-from mpitrain.parallel import DataParallel
-from mpitrain.parallel.data_parallel import DEFAULT_BUCKET_BYTES
+from mpitrain.parallel import Job, State, Strategy, Sums, options_for, strategy_class
 
 EVAL_BATCH = 1024
+# Where the current run stands, for the command line's Ctrl-C message: the last step begun, the newest
+# checkpoint written.
+STATUS: dict[str, Any] = {"step": 0, "checkpoint": None}
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on (the CLI's ``train`` options)."""
+    """Everything a training run depends on (the CLI's ``train`` options); ``options`` holds the
+    strategy's own (its ``Options`` dataclass; None: its defaults)."""
 
     model: str = "mlp"
     hidden: tuple[int, ...] = ()
@@ -47,15 +57,8 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     backend: str = "numpy"
-    algorithm: str = "auto"
-    bucket_mb: float = DEFAULT_BUCKET_BYTES / 2**20
-    overlap: bool = True
-    compression: str = "none"
-    accumulate: int = 1
-    micro_batch: int = 0
-    shard_optimizer: bool = False
-    nonfinite: str = "abort"
-    check_replicas_every: int = 100
+    strategy: str = "allreduce"
+    options: Any = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     keep: int = 3
@@ -65,171 +68,59 @@ class TrainConfig:
     save: str | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.options is None:
+            self.options = options_for(self.strategy, {})
 
-def evaluate(model: Module, data: Dataset, comm: Communicator) -> tuple[float, float]:
-    """(mean loss, accuracy) over the whole test set; each sample is evaluated on exactly one rank."""
-    part = eval_shard(len(data.x_test), comm.rank, comm.size)
+
+def train_config(**values: Any) -> TrainConfig:
+    """A TrainConfig from flat keyword values: the loop's fields, the rest the strategy's options.
+
+    Raises:
+        TypeError: a name that is neither (the message names it).
+    """
+    own = {f.name for f in dataclasses.fields(TrainConfig)} - {"options"}
+    strategy = values.get("strategy", TrainConfig.strategy)
+    known = {f.name for f in dataclasses.fields(strategy_class(strategy).Options)}
+    unknown = sorted(set(values) - own - known)
+    if unknown:
+        raise TypeError(f"unknown training options {unknown} (strategy {strategy!r})")
+    rest = {k: v for k, v in values.items() if k not in own}
+    return TrainConfig(**{k: v for k, v in values.items() if k in own}, options=options_for(strategy, rest))
+
+
+def evaluate(strategy: Strategy, data: Dataset, comm: Communicator) -> tuple[float, float]:
+    """(mean loss, accuracy) over the whole test set, each sample evaluated on exactly one data shard.
+
+    Every rank runs the same number of evaluation calls (ranks without a shard, or with a shorter
+    part, pass empty batches), so a strategy may communicate inside ``evaluate``.
+    """
+    shard, xp = strategy.shard, strategy.job.xp
+    n = len(data.x_test)
+    shards = shard[1] if shard is not None else 1
+    part = eval_shard(n, shard[0], shard[1]) if shard is not None else slice(0, 0)
     x_all, y_all = data.x_test[part], data.y_test[part]
+    longest = -(-n // shards)
     totals = np.zeros(3)  # loss sum, correct, count
-    model.eval()
-    loss_fn = SoftmaxCrossEntropy()
-    for start in range(0, len(x_all), EVAL_BATCH):
-        x = backend.to_device(x_all[start : start + EVAL_BATCH].astype(model.flat_params.dtype), model.xp)
-        y = backend.to_device(y_all[start : start + EVAL_BATCH], model.xp)
-        logits = model.forward(x)
-        totals += (loss_fn.forward(logits, y) * len(y), int((logits.argmax(axis=1) == y).sum()), len(y))
+    for start in range(0, max(longest, 1), EVAL_BATCH):
+        x = backend.to_device(x_all[start : start + EVAL_BATCH].astype(strategy.job.dtype), xp)
+        y = backend.to_device(y_all[start : start + EVAL_BATCH], xp)
+        totals += strategy.evaluate(x, y)
     comm.allreduce(totals, op="sum")
     return totals[0] / totals[2], totals[1] / totals[2]
 
 
 @dataclass
 class TrainResult:
-    """What a run leaves: the trained model (identical on every rank) and one record per epoch."""
+    """What a run leaves: the strategy (closed; its model is still readable) and one record per epoch."""
 
-    model: Module
+    strategy: Strategy
     history: list[dict[str, Any]]
 
-
-def train(config: TrainConfig, comm: Communicator) -> TrainResult:
-    """Train data-parallel over ``comm``; every rank returns the same result.
-
-    Setup errors on any rank (bad data file, bad sizes) are raised on every rank.
-    """
-    xp = backend.get_array_module(config.backend)
-    dtype = np.dtype(config.dtype)
-    with comm.agreement():
-        data = load_dataset(config.dataset, seed=config.seed, synthetic_samples=config.synthetic_samples)
-        model = build_model(
-            config.model,
-            data.sample_shape,
-            data.num_classes,
-            config.hidden,
-            dropout=config.dropout,
-            dropout_seed=int(np.random.SeedSequence([config.seed, comm.rank]).generate_state(1)[0]),
-        )
-        batches = ShardedBatches(len(data.x_train), config.batch_size, comm.rank, comm.size, config.seed)
-        schedule = LRSchedule(
-            config.lr,
-            kind=config.schedule,
-            warmup_steps=config.warmup_steps,
-            total_steps=config.epochs * batches.steps_per_epoch,
-            step_size=config.step_size,
-            gamma=config.gamma,
-        )
-        metrics_file = _open_outputs(config) if comm.rank == 0 else None
-    # Host gradients live in node-shared memory, where the all-reduce reads peers directly
-    # (allocating is collective, so it happens only once every rank's setup has succeeded).
-    model.init_params(seed=config.seed, xp=xp, dtype=dtype, allocate=comm.allocate if xp is np else None)
-    optimizer = build_optimizer(
-        config.optimizer,
-        model.flat_params,
-        model.flat_grads,
-        schedule,
-        momentum=config.momentum if config.optimizer == "sgd" else 0.0,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-        allocate=comm.allocate if xp is np else None,
-    )
-    with comm.agreement():
-        if config.accumulate > config.batch_size:
-            raise ValueError(f"--accumulate {config.accumulate} exceeds the per-rank batch size {config.batch_size}")
-        dp = DataParallel(
-            model,
-            optimizer,
-            comm,
-            algorithm=config.algorithm,
-            bucket_bytes=max(1, int(config.bucket_mb * 2**20)),
-            overlap=config.overlap,
-            compression=config.compression,
-            accumulate=config.accumulate,
-            nonfinite=config.nonfinite,
-            micro_batch=config.micro_batch,
-            shard_optimizer=config.shard_optimizer,
-        )
-    dp.broadcast_parameters()
-    leader = comm.rank == 0
-    position = _restore(config, comm, dp, batches) if config.resume else Position()
-    if leader:
-        print(
-            f"# {config.model} on {data.name}: {model.num_parameters()} parameters, {len(data.x_train)} train / "
-            f"{len(data.x_test)} test samples, {comm.size} rank(s) x batch {config.batch_size}, "
-            f"{batches.steps_per_epoch} steps/epoch",
-            flush=True,
-        )
-        if config.compression != "none" and comm.size > 1 and comm.single_node:
-            print(
-                f"# note: every rank is on this node, so no gradient crosses a network: --compression "
-                f"{config.compression} only adds work here (it pays between nodes)",
-                flush=True,
-            )
-    # The batch buffers are filled in place every step (no allocation per step).
-    x_train = data.x_train.astype(dtype, copy=False)
-    x_batch = np.empty((config.batch_size, *data.sample_shape), dtype)
-    y_batch = np.empty(config.batch_size, data.y_train.dtype)
-    history = []
-    for epoch in range(position.epoch, config.epochs):
-        start = MPI.Wtime()
-        first = position.step_in_epoch if epoch == position.epoch else 0
-        totals = position.totals if epoch == position.epoch else np.zeros(3)  # loss sum, correct, count
-        bar = tqdm(
-            total=batches.steps_per_epoch,
-            initial=first,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not (leader and config.progress),
-            leave=False,
-            file=sys.stderr,
-        )
-        step_in_epoch = first - 1
-        for step_in_epoch, idx in enumerate(batches.batches(epoch, first), start=first):
-            position.global_step += 1
-            with comm.watch(f"training step {position.global_step}"):
-                np.take(x_train, idx, axis=0, out=x_batch)
-                np.take(data.y_train, idx, out=y_batch)
-                faults.before_step(comm.rank, position.global_step, x_batch)
-                loss, correct = dp.train_step(backend.to_device(x_batch, xp), backend.to_device(y_batch, xp))
-            totals += (loss * len(idx), correct, len(idx))
-            bar.update()
-            if config.check_replicas_every and position.global_step % config.check_replicas_every == 0:
-                dp.check_replicas()
-            if (
-                config.checkpoint_dir
-                and config.checkpoint_every
-                and position.global_step % config.checkpoint_every == 0
-            ):
-                _save(config, comm, dp, Position(epoch, step_in_epoch + 1, position.global_step, totals))
-            if config.max_steps is not None and position.global_step >= config.max_steps:
-                break
-        bar.close()
-        if step_in_epoch + 1 < batches.steps_per_epoch:
-            break  # stopped by max_steps inside the epoch: no evaluation of a partial epoch
-        train_time = MPI.Wtime() - start
-        comm.allreduce(totals, op="sum")
-        dp.check_replicas()
-        test_loss, test_acc = evaluate(model, data, comm)
-        record = {
-            "epoch": epoch + 1,
-            "loss": totals[0] / totals[2],
-            "train_acc": totals[1] / totals[2],
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "samples_per_s": totals[2] / comm.comm.allreduce(train_time, op=MPI.MAX),
-            "time_s": comm.comm.allreduce(MPI.Wtime() - start, op=MPI.MAX),
-            "lr": optimizer.lr,
-            "skipped_steps": dp.skipped_steps,
-        }
-        history.append(record)
-        if leader:
-            _report(record, metrics_file)
-        if config.checkpoint_dir:
-            _save(config, comm, dp, Position(epoch + 1, 0, position.global_step, np.zeros(3)))
-        if config.max_steps is not None and position.global_step >= config.max_steps:
-            break
-    if metrics_file is not None:
-        metrics_file.close()
-    if leader and config.save:
-        arrays = {name: backend.to_host(p.data) for name, p in model.named_parameters()}
-        atomic_save_npz(config.save, arrays)
-    return TrainResult(model, history)
+    @property
+    def model(self) -> Any:
+        """The trained model of a strategy that keeps one per rank (data parallelism: the whole model)."""
+        return self.strategy.model
 
 
 @dataclass
@@ -242,11 +133,219 @@ class Position:
     totals: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
 
-def _dropouts(model: Module) -> list[Dropout]:
-    return [m for m in model.modules() if isinstance(m, Dropout)]
+def _job(config: TrainConfig, data: Dataset, comm: Communicator, total_steps: int) -> Job:
+    xp = backend.get_array_module(config.backend)
+    schedule = LRSchedule(
+        config.lr,
+        kind=config.schedule,
+        warmup_steps=config.warmup_steps,
+        total_steps=total_steps,
+        step_size=config.step_size,
+        gamma=config.gamma,
+    )
+    dropout_seed = int(np.random.SeedSequence([config.seed, comm.rank]).generate_state(1)[0])  # its own masks
+
+    def model() -> Any:
+        return build_model(
+            config.model,
+            data.sample_shape,
+            data.num_classes,
+            config.hidden,
+            dropout=config.dropout,
+            dropout_seed=dropout_seed,
+        )
+
+    def optimizer(params: Any, grads: Any, allocate: Any) -> Any:
+        return build_optimizer(
+            config.optimizer,
+            params,
+            grads,
+            schedule,
+            momentum=config.momentum if config.optimizer == "sgd" else 0.0,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+            allocate=allocate,
+        )
+
+    return Job(model, optimizer, SoftmaxCrossEntropy, config.seed, np.dtype(config.dtype), xp)
 
 
-def _identity(config: TrainConfig, model: Module) -> dict[str, Any]:
+def train(config: TrainConfig, comm: Communicator) -> TrainResult:
+    """Train with ``config.strategy`` over ``comm``; every rank returns (its part of) the result.
+
+    Setup errors on any rank (bad data file, bad sizes, an output that
+    cannot be written) are raised on every rank, before any training.
+    """
+    cls = strategy_class(config.strategy)
+    with comm.agreement():
+        cls.validate(config.options, config.batch_size)
+        check_outputs(config, leader=comm.rank == 0)
+        data = load_dataset(config.dataset, seed=config.seed, synthetic_samples=config.synthetic_samples)
+        shards = cls.data_shards(config.options, comm.size)
+        steps_per_epoch = ShardedBatches(len(data.x_train), config.batch_size, 0, shards, config.seed).steps_per_epoch
+        job = _job(config, data, comm, config.epochs * steps_per_epoch)
+    strategy = cls(job, comm, config.options)
+    try:
+        history = _run(config, comm, strategy, data, steps_per_epoch)
+    except BaseException as exc:
+        if raised_on_all_ranks(exc):  # every rank stopped at the same point: closing is collective
+            strategy.close()
+        raise  # else other ranks may be inside a collective: leave the cleanup to the abort
+    strategy.close()
+    return TrainResult(strategy, history)
+
+
+def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Dataset, steps_per_epoch: int) -> list:
+    leader = comm.rank == 0
+    strategy.start()
+    run_id = comm.bcast_object(uuid.uuid4().hex)
+    position = Position()
+    if config.resume:
+        position, run_id = _restore(config, comm, strategy, steps_per_epoch)
+    elif config.checkpoint_dir:
+        _refuse_foreign_checkpoints(config, comm)
+    shard = strategy.shard
+    if leader:
+        _header(config, comm, strategy, data, steps_per_epoch)
+    batches = ShardedBatches(len(data.x_train), config.batch_size, *shard, config.seed) if shard else None
+    dtype, xp = strategy.job.dtype, strategy.job.xp
+    # The batch buffers are filled in place every step (no allocation per step).
+    with comm.agreement():  # a batch too large to allocate is one error, not a traceback per rank
+        x_train = data.x_train.astype(dtype, copy=False)
+        x_batch = np.empty((config.batch_size, *data.sample_shape), dtype)
+        y_batch = np.empty(config.batch_size, data.y_train.dtype)
+    metrics_file = (open(config.metrics, "a" if config.resume else "w") if config.metrics else None) if leader else None  # noqa: SIM115
+    history: list[dict[str, Any]] = []
+    if position.epoch >= config.epochs and leader:
+        print(
+            f"# the checkpoint is at epoch {position.epoch}, already at or past --epochs {config.epochs}: "
+            "nothing left to train (raise --epochs to go on)",
+            flush=True,
+        )
+    for epoch in range(position.epoch, config.epochs):
+        start = time.perf_counter()
+        first = position.step_in_epoch if epoch == position.epoch else 0
+        totals = position.totals if epoch == position.epoch else np.zeros(3)  # loss sum, correct, count
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=first,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not (leader and config.progress),
+            leave=False,
+            file=sys.stderr,
+        )
+        steps = batches.batches(epoch, first) if batches else itertools.repeat(None, steps_per_epoch - first)
+        step_in_epoch = first - 1
+        for step_in_epoch, idx in enumerate(steps, start=first):
+            if config.max_steps is not None and position.global_step >= config.max_steps:
+                step_in_epoch -= 1  # this step is not taken
+                break
+            position.global_step += 1
+            STATUS["step"] = position.global_step
+            with comm.watch(f"training step {position.global_step}"):
+                if idx is None:
+                    sums = strategy.step(None, None)
+                else:
+                    np.take(x_train, idx, axis=0, out=x_batch)
+                    np.take(data.y_train, idx, out=y_batch)
+                    faults.before_step(comm.rank, position.global_step, x_batch)
+                    sums = strategy.step(backend.to_device(x_batch, xp), backend.to_device(y_batch, xp))
+            totals += sums
+            bar.update()
+            if (
+                config.checkpoint_dir
+                and config.checkpoint_every
+                and position.global_step % config.checkpoint_every == 0
+            ):
+                here = Position(epoch, step_in_epoch + 1, position.global_step, totals)
+                _save(config, comm, strategy, here, run_id)
+        bar.close()
+        if step_in_epoch + 1 < steps_per_epoch:
+            break  # stopped by max_steps inside the epoch: no evaluation of a partial epoch
+        train_time = time.perf_counter() - start
+        comm.allreduce(totals, op="sum")
+        strategy.sync()
+        strategy.check()
+        test_loss, test_acc = evaluate(strategy, data, comm)
+        times = comm.allreduce(np.array([train_time, time.perf_counter() - start]), op="max")
+        record = {
+            "epoch": epoch + 1,
+            "loss": totals[0] / totals[2],
+            "train_acc": totals[1] / totals[2],
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "samples_per_s": totals[2] / times[0],
+            "time_s": times[1],
+            **strategy.stats,
+        }
+        history.append(record)
+        if leader:
+            _report(record, metrics_file)
+        if config.checkpoint_dir:
+            _save(config, comm, strategy, Position(epoch + 1, 0, position.global_step, np.zeros(3)), run_id)
+        if config.max_steps is not None and position.global_step >= config.max_steps:
+            break
+    if metrics_file is not None:
+        metrics_file.close()
+    if config.save:
+        strategy.sync()
+        arrays = strategy.export()
+        if leader:
+            checkpoint.atomic_save_npz(config.save, arrays)
+    return history
+
+
+def _header(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Dataset, steps: int) -> None:
+    print(
+        f"# {config.model} on {data.name}: {strategy.num_parameters()} parameters, {len(data.x_train)} train / "
+        f"{len(data.x_test)} test samples, {comm.size} rank(s) x batch {config.batch_size}, {steps} steps/epoch, "
+        f"strategy {config.strategy}",
+        flush=True,
+    )
+    compression = getattr(config.options, "compression", "none")
+    if compression != "none" and comm.size > 1 and comm.single_node:
+        print(
+            f"# note: every rank is on this node, so no gradient crosses a network: --compression "
+            f"{compression} only adds work here (it pays between nodes)",
+            flush=True,
+        )
+    global_batch = config.batch_size * comm.size
+    if global_batch > len(data.x_train):
+        print(
+            f"# warning: {comm.size} rank(s) x batch {config.batch_size} = {global_batch} exceeds the "
+            f"{len(data.x_train)} training samples: each epoch repeats samples to fill one step",
+            flush=True,
+        )
+
+
+def check_outputs(config: TrainConfig, leader: bool = True) -> None:
+    """Check every output destination before any training: a folder that exists for --save and
+    --metrics (and not a folder as the file; rank 0, the ``leader``, writes them), a writable
+    checkpoint folder (every rank writes its shard).
+
+    Raises:
+        ValueError / FileNotFoundError: naming the option and what is wrong.
+    """
+    for option, path in (("--save", config.save), ("--metrics", config.metrics)):
+        if not path or not leader:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise ValueError(f"{option} {path}: is a directory; give a file name")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{option} {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise ValueError(f"{option} {path}: not writable")
+    if config.checkpoint_dir:
+        folder = config.checkpoint_dir
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"--checkpoint-dir {folder}: exists and is not a directory")
+        parent = folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ValueError(f"--checkpoint-dir {folder}: cannot be created or written")
+
+
+def _identity(config: TrainConfig, strategy: Strategy) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run."""
     return {
         "model": config.model,
@@ -255,82 +354,74 @@ def _identity(config: TrainConfig, model: Module) -> dict[str, Any]:
         "dataset": config.dataset,
         "dtype": config.dtype,
         "optimizer": config.optimizer,
-        "compression": config.compression,
-        "parameters": model.num_parameters(),
+        "strategy": config.strategy,
+        "compression": getattr(config.options, "compression", "none"),
+        "parameters": strategy.num_parameters(),
     }
 
 
-def _save(config: TrainConfig, comm: Communicator, dp: DataParallel, position: Position) -> None:
-    """Rank 0 writes a checkpoint of the whole training state (collective: gathers every rank's totals)."""
-    dp.consolidate_optimizer_state()
-    totals = np.array(comm.allgather_object(position.totals.tolist()))
-    rng_states = comm.comm.gather([m.rng.bit_generator.state for m in _dropouts(dp.model)], root=0)
-    residual = getattr(dp.compressor, "residual", None)  # top-k error feedback: different on every rank
-    residuals = None if residual is None else comm.comm.gather(residual, root=0)
-    with comm.agreement():
-        if comm.rank != 0:
-            return
-        arrays = {"params": backend.to_host(dp.model.flat_params), "totals": totals}
-        state = dp.optimizer.state_dict()
-        arrays.update({f"opt/{k}": backend.to_host(v) for k, v in state.items() if k != "steps"})
-        if residuals is not None:
-            arrays["residual"] = np.stack(residuals)
-        meta = {
-            "epoch": position.epoch,
-            "step_in_epoch": position.step_in_epoch,
-            "global_step": position.global_step,
-            "world_size": comm.size,
-            "batch_size": config.batch_size,
-            "optimizer_steps": int(state["steps"]),
-            "skipped_steps": dp.skipped_steps,
-            "identity": _identity(config, dp.model),
-            "config": asdict(config),
-            "dropout_rng": rng_states,
-        }
-        checkpoint.save(config.checkpoint_dir, position.global_step, arrays, meta, config.keep)
+def _save(config: TrainConfig, comm: Communicator, strategy: Strategy, position: Position, run_id: str) -> None:
+    """Write a checkpoint of the whole training state (collective)."""
+    strategy.sync()
+    state = strategy.state_dict()
+    meta = {
+        "epoch": position.epoch,
+        "step_in_epoch": position.step_in_epoch,
+        "global_step": position.global_step,
+        "batch_size": config.batch_size,
+        "identity": _identity(config, strategy),
+        "config": _json(config),
+        "strategy": state.meta,
+    }
+    local = {**state.local, "loop/totals": position.totals}
+    STATUS["checkpoint"] = checkpoint.save(
+        comm, config.checkpoint_dir, position.global_step, State(state.replicated, local, meta), run_id, config.keep
+    )
 
 
-def _restore(config: TrainConfig, comm: Communicator, dp: DataParallel, batches: ShardedBatches) -> Position:
-    """Load the newest valid checkpoint on rank 0, check it fits this run, and give every rank its state."""
-    found = None
+def _json(config: TrainConfig) -> dict[str, Any]:
+    return {**asdict(config), "options": asdict(config.options)}
+
+
+def _refuse_foreign_checkpoints(config: TrainConfig, comm: Communicator) -> None:
+    """A fresh run must not mix its checkpoints with another run's (a later --resume would pick theirs)."""
     with comm.agreement():
-        if comm.rank == 0:
-            arrays, meta, path, skipped = checkpoint.load_newest(config.resume)
-            wanted = _identity(config, dp.model)
-            for key, value in wanted.items():
-                if meta["identity"].get(key) != value:
-                    raise ValueError(
-                        f"{path} was written by a run with {key}={meta['identity'].get(key)!r}; "
-                        f"this run has {key}={value!r}"
-                    )
-            found = (arrays, meta, path, skipped)
-    arrays, meta, path, skipped = comm.comm.bcast(found, root=0)
-    dp.model.flat_params[...] = backend.to_device(arrays["params"], dp.model.xp)
-    state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
-    dp.optimizer.load_state_dict({**state, "steps": meta["optimizer_steps"]})
-    dp.skipped_steps = meta["skipped_steps"]
+        if comm.rank == 0 and os.path.isdir(config.checkpoint_dir):
+            others = checkpoint.runs(config.checkpoint_dir)
+            if others:
+                newest = max(others.values())
+                raise ValueError(
+                    f"--checkpoint-dir {config.checkpoint_dir} holds checkpoints of another run (newest at step "
+                    f"{newest}); pass --resume to continue it, or choose an empty folder"
+                )
+
+
+def _restore(config: TrainConfig, comm: Communicator, strategy: Strategy, steps_per_epoch: int) -> tuple[Position, str]:
+    """Load the newest valid checkpoint, check it fits this run, and give every rank its state."""
+    found = checkpoint.load_newest(comm, config.resume)
+    meta = found.meta
+    for key, value in _identity(config, strategy).items():
+        if meta["identity"].get(key) != value:
+            raise mark_all_ranks(
+                ValueError(
+                    f"{found.path} was written by a run with {key}={meta['identity'].get(key)!r}; "
+                    f"this run has {key}={value!r}"
+                )
+            )
+    same_world = found.world_size == comm.size and meta["batch_size"] == config.batch_size
+    strategy_state = State(found.state.replicated, found.state.local, meta["strategy"])
+    strategy.load_state_dict(strategy_state, same_world)
     position = Position(meta["epoch"], meta["step_in_epoch"], meta["global_step"])
-    if meta["world_size"] == comm.size and meta["batch_size"] == config.batch_size:
-        position.totals = arrays["totals"][comm.rank].copy()
-        if "residual" in arrays:
-            dp.compressor.residual[...] = arrays["residual"][comm.rank]
-        for layer, state in zip(_dropouts(dp.model), meta["dropout_rng"][comm.rank], strict=True):
-            layer.rng.bit_generator.state = state
+    if same_world:
+        position.totals = found.state.local["loop/totals"].copy()
     else:  # another world: the data order changes; go on from the same share of the epoch
-        consumed = meta["step_in_epoch"] * meta["batch_size"] * meta["world_size"]
-        position.step_in_epoch = min(consumed // (config.batch_size * comm.size), batches.steps_per_epoch)
+        consumed = meta["step_in_epoch"] * meta["batch_size"] * found.world_size
+        position.step_in_epoch = min(consumed // (config.batch_size * comm.size), steps_per_epoch)
     if comm.rank == 0:
-        for problem in skipped:
+        for problem in found.skipped:
             print(f"# skipped a damaged checkpoint: {problem}", file=sys.stderr, flush=True)
-        print(f"# resuming from {path}: epoch {position.epoch + 1}, step {position.global_step}", flush=True)
-    return position
-
-
-def _open_outputs(config: TrainConfig) -> Any:
-    """Check the save folder exists and open the metrics file (rank 0), before any training."""
-    if config.save and not os.path.isdir(os.path.dirname(os.path.abspath(config.save))):
-        raise FileNotFoundError(f"--save {config.save}: the folder does not exist")
-    return open(config.metrics, "a" if config.resume else "w") if config.metrics else None
+        print(f"# resuming from {found.path}: epoch {position.epoch + 1}, step {position.global_step}", flush=True)
+    return position, found.run_id
 
 
 def _report(record: dict[str, Any], metrics_file: Any) -> None:
@@ -342,3 +433,6 @@ def _report(record: dict[str, Any], metrics_file: Any) -> None:
     if metrics_file is not None:
         metrics_file.write(json.dumps({k: v if isinstance(v, int) else float(v) for k, v in record.items()}) + "\n")
         metrics_file.flush()
+
+
+__all__ = ["Position", "Sums", "TrainConfig", "TrainResult", "evaluate", "train", "train_config"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -84,9 +86,8 @@ def test_info_reports_world_hosts_and_backends() -> None:
 def test_thread_limit_reaches_the_blas_libraries_loaded_after_it() -> None:
     # As the benchmark workers do: limit first, import the network core afterwards.
     script = (
-        "from mpi4py import MPI\n"
         "from mpitrain import threads\n"
-        "threads.limit_threads(MPI.COMM_SELF, 1)\n"
+        "threads.limit_threads(1, 1)\n"
         "import mpitrain.nn\n"
         "print('\\n'.join(threads.thread_pools()))\n"
     )
@@ -148,3 +149,79 @@ def test_bad_environment_variable_is_one_usage_error(variable: str, value: str, 
     done = run_mpitrain(2, "--epochs", "1", "--no-progress", extra_env={variable: value})
     assert done.returncode == 2
     assert done.stderr.count(message) == 1, done.stderr
+
+
+def test_outputs_are_checked_before_any_training(tmp_path) -> None:
+    done = run_mpitrain(2, "--no-progress", "--save", str(tmp_path))
+    assert done.returncode == 1 and "epoch   1" not in done.stdout
+    assert done.stderr.count(f"--save {tmp_path}: is a directory; give a file name") == 1, done.stderr
+    done = run_mpitrain(2, "--no-progress", "--metrics", str(tmp_path / "nowhere" / "m.jsonl"))
+    assert done.returncode == 1 and done.stderr.count("--metrics ") == 1 and "does not exist" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--backend", "cupy"], "backend 'cupy' needs cupy"),
+        (["--dataset", "{tmp}"], "is a directory; expected a .npz file"),
+        (["--dataset", "{tmp}/notes.txt"], "not a zip archive of arrays"),
+        (["--batch-size", "100000000000"], "Unable to allocate"),
+    ],
+)
+def test_setup_errors_are_one_line_not_a_traceback_per_rank(tmp_path, args: list[str], message: str) -> None:
+    (tmp_path / "notes.txt").write_text("x_train\n")
+    done = run_mpitrain(2, "--no-progress", *[a.format(tmp=tmp_path) for a in args])
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.count(message) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_global_batch_larger_than_the_data_is_warned_about() -> None:
+    done = run_mpitrain(2, "--no-progress", "--epochs", "1", "--batch-size", "1000")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("# warning: 2 rank(s) x batch 1000 = 2000 exceeds the 1437 training samples") == 1
+
+
+def test_ctrl_c_is_one_message_and_status_130(tmp_path) -> None:
+    # Defect: Ctrl-C under MPICH printed a KeyboardInterrupt traceback from every rank and exited 2.
+    args = ["--no-progress", "--epochs", "500", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "20"]
+    command = mpiexec_command(2, sys.executable, "-m", "mpitrain", *args)
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=child_environment(120), start_new_session=True)  # fmt: skip
+    lines = []
+    try:
+        while not (lines and lines[-1].startswith("epoch   3")):
+            lines.append(job.stdout.readline())
+            assert lines[-1] or job.poll() is None, "".join(lines)
+        os.killpg(job.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        err = job.communicate(timeout=60)[1]
+    finally:
+        job.kill()
+    pids = [int(p.split(":")[1]) for p in re.search(r"# ranks \(host:pid\): (.*)", "".join(lines)).group(1).split()]
+    deadline = time.monotonic() + 10  # the launcher has returned; its ranks must be gone too
+    while (left := [pid for pid in pids if "zombie" not in _state(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job.returncode == 130, err
+    assert err.count("interrupted at step") == 1 and "newest checkpoint" in err and "--resume" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert left == []
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return f.read().lower()
+    except OSError:
+        return "zombie"
+
+
+def test_checkpoints_of_another_run_are_refused_and_a_finished_resume_says_so(tmp_path) -> None:
+    # Defect: a fresh run deleted its own new checkpoint at once (pruning by step across runs), and
+    # --resume then silently resumed the other run.
+    first = run_mpitrain(2, "--no-progress", "--epochs", "2", "--checkpoint-dir", str(tmp_path), "--keep", "1")
+    assert first.returncode == 0, first.stderr
+    fresh = run_mpitrain(2, "--no-progress", "--epochs", "1", "--checkpoint-dir", str(tmp_path))
+    assert fresh.returncode == 1 and "epoch   1" not in fresh.stdout
+    assert fresh.stderr.count("holds checkpoints of another run (newest at step 46); pass --resume") == 1
+    again = run_mpitrain(2, "--no-progress", "--epochs", "2", "--checkpoint-dir", str(tmp_path), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "already at or past --epochs 2: nothing left to train" in again.stdout

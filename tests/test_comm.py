@@ -9,7 +9,8 @@ import pytest
 from mpi4py import MPI
 
 from mpitrain.comm import Communicator, Tuning, raised_on_all_ranks
-from mpitrain.comm.communicator import bf16_to_f32, f32_to_bf16
+from mpitrain.comm.ops import BFLOAT16
+from mpitrain.comm.ops import DTYPES as ALL_DTYPES
 from mpitrain.comm.ring import chunk_bounds
 from tests.conftest import WORLD, rank_data, same_on_every_rank
 
@@ -284,20 +285,21 @@ def test_ring_python_state_does_not_grow_with_the_buffer(comm: Communicator) -> 
 def test_auto_choice_follows_the_thresholds(comm: Communicator) -> None:
     small, large = comm.tuning.allreduce_small_bytes, comm.tuning.broadcast_large_bytes
     shm_from = comm.tuning.allreduce_shm_bytes
-    assert comm._auto_allreduce(np.zeros(small // 4 - 1, np.float32), shared=False) == "native"
-    assert comm._auto_allreduce(np.zeros(small // 4, np.float32), shared=False) == "ring"
-    assert comm._auto_allreduce(np.zeros(shm_from // 4 - 1, np.float32), shared=True) == "native"
-    assert comm._auto_allreduce(np.zeros(shm_from // 4, np.float32), shared=True) == "shm"
-    assert comm._auto_allreduce(np.zeros(8, np.float16), shared=True) == "shm"
-    assert comm._auto_allreduce(np.zeros(8, np.uint16), shared=False) == "doubling"
-    assert comm._auto_allreduce(np.zeros(small, np.float16), shared=False) == "ring"
+    choose = comm.tuning.allreduce_algorithm
+    assert choose(small - 4, half=False, shared=False) == "native"
+    assert choose(small, half=False, shared=False) == "ring"
+    assert choose(shm_from - 4, half=False, shared=True) == "native"
+    assert choose(shm_from, half=False, shared=True) == "shm"
+    assert choose(16, half=True, shared=True) == "shm"
+    assert choose(16, half=True, shared=False) == "doubling"
+    assert choose(small * 2, half=True, shared=False) == "ring"
     assert large > small
-    wide = np.zeros(large // 4, np.float32)
-    assert comm._auto_broadcast(wide, shared=False) == ("scatter" if comm.size > 2 else "tree")
-    assert comm._auto_broadcast(wide[:-1], shared=False) == "tree"
+    broadcast = comm.tuning.broadcast_algorithm
+    assert broadcast(large, comm.size, shared=False) == ("scatter" if comm.size > 2 else "tree")
+    assert broadcast(large - 4, comm.size, shared=False) == "tree"
     shm_bytes = comm.tuning.broadcast_shm_bytes
-    assert comm._auto_broadcast(np.zeros(shm_bytes // 4, np.float32), shared=True) == "shm"
-    assert comm._auto_broadcast(np.zeros(shm_bytes // 4 - 1, np.float32), shared=True) == "tree"
+    assert broadcast(shm_bytes, comm.size, shared=True) == "shm"
+    assert broadcast(shm_bytes - 4, comm.size, shared=True) == "tree"
 
 
 def test_tuning_from_environment() -> None:
@@ -399,20 +401,45 @@ def test_agreement_raises_one_ranks_error_everywhere(comm: Communicator) -> None
 @pytest.mark.parametrize("n", [1, P + 1, 1000, 100_003])
 def test_bfloat16_allreduce_in_float32(shared_comm: Communicator, algorithm: str, op: str, n: int) -> None:
     values = rank_data(n, np.float32, shared_comm.rank, seed=5)
-    bits = shared_comm.allocate(n, np.uint16) if algorithm in ("shm", "auto") else np.empty(n, np.uint16)
-    f32_to_bf16(values, bits)
-    exact = bf16_to_f32(bits).astype(np.float64)
+    x = shared_comm.allocate(n, BFLOAT16) if algorithm in ("shm", "auto") else np.empty(n, BFLOAT16)
+    x[...] = values
+    exact = x.astype(np.float64)
     expected = native_reduce(exact, op)
     scale = np.abs(exact)
     WORLD.Allreduce(MPI.IN_PLACE, scale, op=MPI.SUM)
-    shared_comm.allreduce(bits, op=op, algorithm=algorithm)
-    error = np.abs(bf16_to_f32(bits) - expected)
-    assert (error <= (P + 1) * 2.0**-7 * scale + 1e-30).all()
-    assert same_on_every_rank(bits)
+    shared_comm.allreduce(x, op=op, algorithm=algorithm)
+    error = np.abs(x.astype(np.float64) - expected)
+    assert x.dtype == BFLOAT16
+    assert (error <= (P + 1) * 2.0**-8 * scale + 1e-30).all()
+    assert same_on_every_rank(x.view(np.uint16))
 
 
 @pytest.mark.mpi
 def test_bfloat16_rejects_native(comm: Communicator) -> None:
     _raises_everywhere(
-        lambda: comm.allreduce(np.zeros(4, np.uint16), algorithm="native"), ValueError, "cannot reduce bfloat16"
+        lambda: comm.allreduce(np.zeros(4, BFLOAT16), algorithm="native"), ValueError, "cannot reduce bfloat16"
     )
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["ring", "doubling", "native", "auto"])
+def test_unsigned_integers_are_reduced_as_integers_not_bfloat16(comm: Communicator, algorithm: str) -> None:
+    # Defect: uint16 was taken for bfloat16 bit patterns ([300, 20000, 40000, 65535] over 2 ranks gave
+    # [428, 20128, 40128, 65535]). Now it wraps like MPI's own unsigned sum.
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16):
+        x = np.array([300, 20000, 40000, 65535, comm.rank], np.uint64).astype(dtype)
+        expected = x.copy()
+        WORLD.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
+        comm.allreduce(x, op="sum", algorithm=algorithm)
+        assert x.dtype == dtype and np.array_equal(x, expected), (dtype, x, expected)
+    _raises_everywhere(lambda: comm.allreduce(np.zeros(4, np.uint16), op="mean"), TypeError, "floating dtype")
+
+
+def test_the_dtype_list_in_errors_is_the_one_the_readme_gives() -> None:
+    with open(__file__.replace("tests/test_comm.py", "README.md")) as f:
+        readme = f.read()
+    with pytest.raises(TypeError) as info:
+        Communicator(MPI.COMM_SELF, checked=False).allreduce(np.zeros(2, np.complex64))
+    listed = str(info.value).split("expected one of ")[1]
+    assert listed == ", ".join(map(str, ALL_DTYPES))
+    assert f"Buffers are C-contiguous, writable numpy arrays of {listed}" in " ".join(readme.split())

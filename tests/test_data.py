@@ -93,6 +93,17 @@ def test_npz_missing_or_garbage_file(tmp_path) -> None:
         load_dataset("imagenet")
 
 
+def test_a_directory_or_another_kind_of_file_is_named_as_such(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"is a directory; expected a \.npz file"):
+        load_dataset(str(tmp_path))
+    np.save(tmp_path / "plain.npy", np.zeros(3))  # numpy's own format, but not an archive
+    (tmp_path / "notes.txt").write_text("x_train,y_train\n")
+    for name in ("plain.npy", "notes.txt"):
+        with pytest.raises(ValueError) as info:
+            load_dataset(str(tmp_path / name))
+        assert "not a zip archive of arrays" in str(info.value) and "allow_pickle" not in str(info.value)
+
+
 def test_synthetic_is_seeded_and_learnable_shape() -> None:
     a, b = synthetic(64, seed=3), synthetic(64, seed=3)
     assert np.array_equal(a.x_train, b.x_train) and a.x_train.shape == (64, 1, 28, 28)

@@ -11,13 +11,16 @@ from mpi4py import MPI
 from mpitrain.comm import Communicator, raised_on_all_ranks
 from mpitrain.comm.compress import build_compressor
 from mpitrain.data import ShardedBatches
-from mpitrain.nn import build_model
+from mpitrain.nn import SoftmaxCrossEntropy, build_model
 from mpitrain.optim import SGD
 from mpitrain.parallel import DataParallel
-from mpitrain.parallel.data_parallel import MICRO_BATCH_BYTES, _finite
-from mpitrain.train import TrainConfig, train
+from mpitrain.parallel.local_step import MICRO_BATCH_BYTES
+from mpitrain.parallel.reducer import finite as _finite
+from mpitrain.train import train
+from mpitrain.train import train_config as TrainConfig
 from tests.conftest import WORLD, OneBranch, same_on_every_rank
 
+LOSS = SoftmaxCrossEntropy()
 SMALL = {"epochs": 2, "progress": False, "dtype": "float64", "hidden": (32,)}
 
 
@@ -60,7 +63,7 @@ def test_default_job_reaches_95_percent(comm: Communicator) -> None:
 @pytest.mark.mpi(min_size=2)
 def test_replica_check_names_the_rank_that_diverged(comm: Communicator) -> None:
     model = build_model("mlp", (4,), 2, (3,)).init_params(seed=comm.rank)  # different on every rank
-    dp = DataParallel(model, SGD(model.flat_params, model.flat_grads, 0.1), comm)
+    dp = DataParallel(model, SGD(model.flat_params, model.flat_grads, 0.1), comm, loss=LOSS)
     dp.broadcast_parameters()
     dp.check_replicas()
     if comm.rank == comm.size - 1:
@@ -110,7 +113,9 @@ def test_accumulation_equals_a_k_times_larger_batch(comm: Communicator) -> None:
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_a_layer_without_backward_gets_zero_gradients(comm: Communicator, accumulate: int) -> None:
     net = OneBranch(64, 10).init_params(seed=1, dtype=np.float64, allocate=comm.allocate)
-    dp = DataParallel(net, SGD(net.flat_params, net.flat_grads, 0.1, momentum=0.9), comm, accumulate=accumulate)
+    dp = DataParallel(
+        net, SGD(net.flat_params, net.flat_grads, 0.1, momentum=0.9), comm, loss=LOSS, accumulate=accumulate
+    )
     before = net.unused.weight.data.copy()
     x = np.random.default_rng(comm.rank).standard_normal((8, 64))
     for _ in range(2):
@@ -143,7 +148,8 @@ def test_sharded_optimizer_over_private_buffers_uses_the_ring(comm: Communicator
     y = np.arange(16) % 10
     for shard in (True, False):
         net = build_model("mlp", (64,), 10, (40,)).init_params(seed=2)  # private memory: no allocate
-        dp = DataParallel(net, SGD(net.flat_params, net.flat_grads, 0.1, momentum=0.9), comm, "ring",
+        sgd = SGD(net.flat_params, net.flat_grads, 0.1, momentum=0.9)
+        dp = DataParallel(net, sgd, comm, loss=LOSS, algorithm="ring",
                           bucket_bytes=4096, shard_optimizer=shard)  # fmt: skip
         assert dp.shard == ("ring" if shard else None)
         for _ in range(3):
@@ -153,11 +159,13 @@ def test_sharded_optimizer_over_private_buffers_uses_the_ring(comm: Communicator
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])  # the consolidated state is whole
     with pytest.raises(ValueError, match="uncompressed"):
-        DataParallel(net, dp.optimizer, comm, compression="fp16", shard_optimizer=True)
+        DataParallel(net, dp.optimizer, comm, loss=LOSS, compression="fp16", shard_optimizer=True)
     shared = build_model("mlp", (64,), 10, (40,)).init_params(allocate=comm.allocate)
     sgd = SGD(shared.flat_params, shared.flat_grads, 0.1, momentum=0.9, allocate=comm.allocate)
-    assert DataParallel(shared, sgd, comm, shard_optimizer=True).shard == "shm"  # every buffer is node-shared
-    assert DataParallel(shared, sgd, comm).shard is None
+    assert (
+        DataParallel(shared, sgd, comm, loss=LOSS, shard_optimizer=True).shard == "shm"
+    )  # every buffer is node-shared
+    assert DataParallel(shared, sgd, comm, loss=LOSS).shard is None
 
 
 @pytest.mark.mpi
@@ -175,14 +183,14 @@ def test_automatic_micro_batches_split_activation_heavy_models_only(comm: Commun
         net = build_model(name, (1, 28, 28), 10, hidden).init_params()
         opt = SGD(net.flat_params, net.flat_grads, 0.1)
         per_sample = net.output_bytes_per_sample(x[:1])
-        plans[name] = DataParallel(net, opt, comm).pieces(x), per_sample
-        assert DataParallel(net, opt, comm, micro_batch=16).pieces(x) == 8
-        assert DataParallel(net, opt, comm, micro_batch=1000, accumulate=3).pieces(x) == 3
+        plans[name] = DataParallel(net, opt, comm, loss=LOSS).local.pieces(x), per_sample
+        assert DataParallel(net, opt, comm, loss=LOSS, micro_batch=16).local.pieces(x) == 8
+        assert DataParallel(net, opt, comm, loss=LOSS, micro_batch=1000, accumulate=3).local.pieces(x) == 3
     # An MLP re-reads its weights per micro-batch, so it stays whole; the CNN's outputs are split to MICRO_BATCH_BYTES.
     assert plans["mlp"][0] == 1
     assert plans["cnn"][0] == -(-128 // (MICRO_BATCH_BYTES // plans["cnn"][1])) > 1
     with pytest.raises(ValueError, match="micro_batch"):
-        DataParallel(net, opt, comm, micro_batch=-1)
+        DataParallel(net, opt, comm, loss=LOSS, micro_batch=-1)
 
 
 @pytest.mark.mpi
@@ -239,9 +247,11 @@ def test_bad_compression_and_accumulation_values() -> None:
     model = build_model("mlp", (4,), 2, (3,)).init_params()
     opt = SGD(model.flat_params, model.flat_grads, 0.1)
     with pytest.raises(ValueError, match="accumulate"):
-        DataParallel(model, opt, comm, accumulate=0)
+        DataParallel(model, opt, comm, loss=LOSS, accumulate=0)
     with pytest.raises(ValueError, match="micro-batches"):
-        DataParallel(model, opt, comm, accumulate=4).train_step(np.zeros((2, 4), np.float32), np.zeros(2, int))
+        DataParallel(model, opt, comm, loss=LOSS, accumulate=4).train_step(
+            np.zeros((2, 4), np.float32), np.zeros(2, int)
+        )
 
 
 @pytest.mark.mpi
@@ -251,7 +261,9 @@ def test_steady_state_step_allocates_no_large_arrays(
     comm: Communicator, name: str, hidden: tuple, compression: str
 ) -> None:
     net = build_model(name, (1, 28, 28), 10, hidden).init_params(allocate=comm.allocate)
-    dp = DataParallel(net, SGD(net.flat_params, net.flat_grads, 0.01, momentum=0.9), comm, compression=compression)
+    dp = DataParallel(
+        net, SGD(net.flat_params, net.flat_grads, 0.01, momentum=0.9), comm, loss=LOSS, compression=compression
+    )
     x = np.random.default_rng(comm.rank).standard_normal((128, 1, 28, 28), dtype=np.float32)
     y = np.arange(128) % 10
     for _ in range(2):

@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-# uint16 buffers hold bfloat16 bit patterns (the upper half of float32), reduced in float32.
-DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.uint16))
-OPS = ("sum", "mean", "max", "min")
-ERROR_TYPES = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, RuntimeError)}
+from mpitrain.comm.ops import DTYPES, OPS, is_floating
+
+ERROR_TYPES = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, RuntimeError, MemoryError)}
 
 Problem = tuple[str, str]  # (exception class name, message)
 
@@ -33,15 +32,15 @@ def raised_on_all_ranks(exc: BaseException) -> bool:
     return getattr(exc, "on_all_ranks", False)
 
 
-def buffer_problem(buf: Any) -> Problem | None:
-    """What makes ``buf`` unusable for an in-place collective, or None."""
+def buffer_problem(buf: Any, writable: bool = True) -> Problem | None:
+    """What makes ``buf`` unusable for an in-place collective (``writable``) or a send, or None."""
     if not isinstance(buf, np.ndarray):
         return "TypeError", f"expected a numpy array, got {type(buf).__name__}"
     if buf.dtype not in DTYPES:
         return "TypeError", f"unsupported dtype {buf.dtype}; expected one of {', '.join(map(str, DTYPES))}"
     if not buf.flags.c_contiguous:
         return "ValueError", "buffer is not C-contiguous (use numpy.ascontiguousarray)"
-    if not buf.flags.writeable:
+    if writable and not buf.flags.writeable:
         return "ValueError", "buffer is read-only; collectives work in place"
     return None
 
@@ -56,7 +55,7 @@ def choice_problem(what: str, value: Any, allowed: tuple[str, ...]) -> Problem |
 def op_problem(op: Any, dtype: np.dtype) -> Problem | None:
     """A problem with a reduction op for this dtype."""
     problem = choice_problem("op", op, OPS)
-    if problem is None and op == "mean" and dtype.kind != "f" and dtype != np.uint16:
+    if problem is None and op == "mean" and not is_floating(dtype):
         return "TypeError", f"op 'mean' needs a floating dtype, got {dtype}"
     return problem
 

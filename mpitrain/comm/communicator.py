@@ -1,17 +1,15 @@
 """Communicator: checks a call across ranks, picks an algorithm, runs it.
 
 All collectives run on a private duplicate of the communicator passed in, so
-they never match a user's own messages. Buffers are C-contiguous numpy
-arrays of float16 (reduced in float32 arithmetic), float32, float64, int32,
-int64, or uint16 holding bfloat16 bit patterns (reduced in float32; not with
-MPI's native calls), reduced in place.
+they never match a user's own messages (point-to-point messages have a
+duplicate of their own, see ``p2p``). Buffers are C-contiguous numpy arrays
+of the dtypes in ``ops.DTYPES`` (float16 and bfloat16 reduced in float32
+arithmetic), reduced in place.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -22,94 +20,53 @@ from mpitrain.comm.checks import (
     ERROR_TYPES,
     Problem,
     agree_on_call,
-    agree_on_error,
     buffer_problem,
     choice_problem,
     op_problem,
     root_problem,
 )
+from mpitrain.comm.objects import ObjectCollectives
+from mpitrain.comm.ops import BFLOAT16, HALF, NATIVE_OPS, Inspect, finisher, reducer, wire
+from mpitrain.comm.p2p import PointToPoint
 from mpitrain.comm.shm import Reduction, SharedBuffers
 from mpitrain.comm.tuning import Tuning
-from mpitrain.comm.watchdog import Peer, Watchdog, process_start
+from mpitrain.comm.watchdog import Watchdog
 
-UFUNCS = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
-NATIVE_OPS = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 ALLREDUCE_ALGORITHMS = ("auto", "ring", "doubling", "shm", "native")
 SCATTER_GATHER_ALGORITHMS = ("auto", "ring", "native", "shm")
 BROADCAST_ALGORITHMS = ("auto", "tree", "scatter", "shm", "native")
 
 
-def _shm_problem(algorithm: str, shared: Any, buf: np.ndarray) -> tuple[str, str] | None:
+def _shm_problem(algorithm: str, shared: Any, buf: np.ndarray) -> Problem | None:
     if algorithm == "shm" and shared is None and buf.size:
         return "ValueError", "algorithm 'shm' needs a buffer from Communicator.allocate"
     return None
 
 
-def _bf16_problem(algorithm: str, dtype: np.dtype) -> tuple[str, str] | None:
-    if algorithm == "native" and dtype == np.uint16:
-        return "ValueError", "MPI cannot reduce bfloat16 (uint16) buffers; use another algorithm"
+def _native_problem(algorithm: str, dtype: np.dtype) -> Problem | None:
+    if algorithm == "native" and dtype == BFLOAT16:
+        return "ValueError", "MPI cannot reduce bfloat16 buffers; use another algorithm"
     return None
 
 
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    """float32 values of bfloat16 bit patterns (uint16)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def f32_to_bf16(values: np.ndarray, out: np.ndarray) -> None:
-    """Write the bfloat16 bit patterns of float32 ``values`` into uint16 ``out`` (truncating the mantissa)."""
-    np.copyto(out, np.ascontiguousarray(values, dtype=np.float32).view(np.uint32) >> 16, casting="unsafe")
-
-
-def reducer(op: str, dtype: np.dtype) -> Callable[..., Any]:
-    """The in-place reduction ``f(a, b, out=...)`` for an op; float16 and bfloat16 are computed in float32."""
-    ufunc = UFUNCS[op]
-    if dtype == np.float16:
-        return lambda a, b, out: ufunc(a, b, out=out, dtype=np.float32)
-    if dtype == np.uint16:
-        return lambda a, b, out: f32_to_bf16(ufunc(bf16_to_f32(a), bf16_to_f32(b)), out)
-    return ufunc
-
-
-def finisher(
-    op: str, dtype: np.dtype, size: int, inspect: Callable[[np.ndarray], None] | None = None
-) -> Callable[[np.ndarray], None] | None:
-    """What to do to each fully reduced chunk: divide by the world size for "mean", then ``inspect`` it."""
-    if op != "mean":
-        return inspect
-
-    def finish(chunk: np.ndarray) -> None:
-        if dtype == np.uint16:
-            f32_to_bf16(bf16_to_f32(chunk) / size, chunk)
-        else:
-            np.divide(chunk, size, out=chunk)
-        if inspect is not None:
-            inspect(chunk)
-
-    return finish
-
-
-class Communicator:
-    """Collectives over an mpi4py communicator (default ``COMM_WORLD``).
+class Communicator(PointToPoint, ObjectCollectives):
+    """Collectives and point-to-point messages over an mpi4py communicator (default ``COMM_WORLD``).
 
     Args:
         comm: the mpi4py communicator to duplicate.
-        checked: before every collective, ranks agree on (operation, length,
-            dtype, op, root, algorithm) with a small allgather, so a mismatch
-            or a bad buffer on any rank raises the same error on every rank
-            instead of hanging. Costs one small allgather per call.
-        tuning: thresholds for ``algorithm="auto"`` and the ring segment size
-            (default: ``Tuning.from_env()``).
+        checked: ranks agree on every collective's (sequence, operation,
+            length, dtype, op, root, algorithm) first, with one small
+            allgather, so a mismatch or a bad buffer on any rank is the same
+            error on every rank instead of a hang.
+        tuning: ``algorithm="auto"`` thresholds and ring segment (default ``Tuning.from_env()``).
         node_size: treat each run of this many consecutive ranks as one node
-            instead of asking MPI which ranks share memory (to exercise the
-            hierarchical path on one machine).
-        timeout: seconds a collective (or a region under ``watch``) may take
-            before a watchdog prints what this rank waits in and aborts the
-            whole job (``watchdog.EXIT_TIMEOUT``); None: no watchdog.
+            (to exercise the hierarchical path on one machine).
+        timeout: seconds a collective, a message or a ``watch`` region may take
+            before a watchdog reports it and aborts the job; None: no watchdog.
+        watchdog: share this watchdog (a parent's, see ``split``); not with ``timeout``.
 
-    Every collective has a sequence number (``sequence``), part of its
-    fingerprint in checked mode, so ranks that call collectives in a
-    different order get an error naming both calls.
+    Node-shared windows are created on first ``allocate``. ``close`` (or the
+    end of a ``with`` block) frees everything; a closed one raises RuntimeError.
     """
 
     def __init__(
@@ -119,45 +76,52 @@ class Communicator:
         tuning: Tuning | None = None,
         node_size: int | None = None,
         timeout: float | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
+        if watchdog is not None and timeout is not None:
+            raise ValueError("give a timeout for a new watchdog or a watchdog to share, not both")
         self.comm = (MPI.COMM_WORLD if comm is None else comm).Dup()
+        self._p2p = self.comm.Dup()
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.checked = checked
         self.tuning = Tuning.from_env() if tuning is None else tuning
         self.sequence = 0
+        self.closed = False
         self._scratch: dict[np.dtype, np.ndarray] = {}
-        self.shared = self._shared_buffers(node_size)
-        progress = self._progress()  # allocated on every rank, whatever its timeout: it is collective
-        self.watchdog = None if timeout is None else Watchdog(self.rank, timeout, *progress)
-
-    def _progress(self) -> tuple[np.ndarray | None, list[Peer]]:
-        """This rank's node-shared progress array and every node-local rank as a watchdog ``Peer``."""
-        if self.shared is None:
-            return None, []
-        progress = self.shared.allocate(2, np.int64)
-        members = self.shared.node.allgather((self.rank, os.getpid(), process_start()))
-        arrays = self.shared.windows[-1].peers
-        return progress, [
-            Peer(rank, array, pid, start) for (rank, pid, start), array in zip(members, arrays, strict=True)
-        ]
-
-    def _shared_buffers(self, node_size: int | None) -> SharedBuffers | None:
-        if node_size is None:
-            node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        else:
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank) if node_size is None else None
+        if node is None:
             if node_size < 1:
                 raise ValueError(f"node_size must be >= 1, got {node_size}")
             node = self.comm.Split(self.rank // node_size, key=self.rank)
-        sizes = self.comm.allgather(node.Get_size())
-        if len(set(sizes)) != 1:  # uneven nodes: no hierarchical path, plain ring instead
-            node.Free()
-            return None
-        cross = None
-        if node.Get_size() < self.size:
-            cross = self.comm.Split(node.Get_rank(), key=self.rank)
-        placement = self.comm.allgather((node.Get_rank(), 0 if cross is None else cross.Get_rank()))
-        return SharedBuffers(node, cross, placement)
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        self.shared, watched = SharedBuffers.over(self.comm, node, timeout is not None)
+        # The progress array is allocated on every rank when any rank wants a watchdog: it is collective.
+        progress = self.shared.progress(self.rank) if watched and self.shared is not None else (None, [])
+        self._owns_watchdog = timeout is not None
+        self.watchdog = Watchdog(self.rank, timeout, *progress) if timeout is not None else watchdog
+
+    def split(self, color: int, key: int | None = None) -> Communicator:
+        """The Communicator of the ranks that pass the same ``color``, ordered by ``key`` (default: rank)
+        (collective). It shares this one's checked mode, tuning and watchdog; close it before this one."""
+        self._guard()
+        with self.watch("split"):
+            raw = self.comm.Split(color, self.rank if key is None else key)
+        try:
+            return Communicator(raw, checked=self.checked, tuning=self.tuning, watchdog=self.watchdog)
+        finally:
+            raw.Free()
+
+    def grid(self, rows: int, columns: int) -> tuple[Communicator, Communicator]:
+        """Cut the ranks into a rows x columns grid, rank r at (r // columns, r % columns) (collective).
+
+        Returns (row, column): the Communicator of this rank's row (``columns``
+        ranks) and of its column (``rows`` ranks), as a pipeline x data grid
+        needs. Raises ValueError unless rows * columns == size.
+        """
+        if rows < 1 or columns < 1 or rows * columns != self.size:
+            raise ValueError(f"a {rows} x {columns} grid does not cover {self.size} ranks")
+        return self.split(self.rank // columns), self.split(self.rank % columns)
 
     @property
     def segment(self) -> int:
@@ -173,32 +137,57 @@ class Communicator:
 
         All-reduce on such buffers reads peers' memory directly (``shm``),
         the fastest path inside a node. Falls back to a plain array when nodes
-        hold different numbers of ranks.
+        hold different numbers of ranks. ``release`` frees it.
         """
+        self._guard()
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
+        dtype = np.dtype(dtype)
         if self.shared is None:
             return np.zeros(count, dtype=dtype)
+        if dtype == BFLOAT16:  # the window holds the bit patterns; the caller sees bfloat16
+            return self.shared.allocate(count, np.uint16).view(BFLOAT16)
         return self.shared.allocate(count, dtype)
 
-    def allreduce(
-        self,
-        buf: np.ndarray,
-        op: str = "sum",
-        algorithm: str = "auto",
-        inspect: Callable[[np.ndarray], None] | None = None,
-    ) -> np.ndarray:
+    def release(self, *buffers: Any) -> None:
+        """Free the node-shared memory of buffers from ``allocate`` (collective: the same buffers, in the
+        same order, on every rank); other arrays are left alone. The buffers are unusable afterwards."""
+        self._guard()
+        for buf in buffers:
+            found = self._find_shared(buf.reshape(-1)) if isinstance(buf, np.ndarray) else None
+            if found is not None:
+                self.shared.release(found[0])
+
+    def _prepare(self, name: str, buf: Any, algorithm: str, allowed: tuple[str, ...], **params: Any) -> tuple:
+        """The one preamble of every collective: guard, local checks, cross-rank agreement (checked mode).
+
+        Returns (the wire view of the flat buffer, its shared window and offset or None).
+        """
+        self._guard()
+        flat = wire(buf.reshape(-1)) if isinstance(buf, np.ndarray) else buf
+        shared = self._find_shared(flat)
+        problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, allowed)
+        if "op" in params:
+            problem = problem or op_problem(params["op"], buf.dtype) or _native_problem(algorithm, buf.dtype)
+        if "root" in params:
+            problem = problem or root_problem(params["root"], self.size)
+        problem = problem or _shm_problem(algorithm, shared, buf)
+        self._check(name, buf, problem, algorithm=algorithm, shared=shared and shared[1], **params)
+        return flat, shared
+
+    def allreduce(self, buf: np.ndarray, op: str = "sum", algorithm: str = "auto", inspect: Inspect = None) -> Any:
         """Reduce ``buf`` over all ranks, in place, and return it.
 
         Contract: same length, dtype, op and algorithm on every rank; for
         "shm", buffers from ``allocate`` at the same offset on every rank.
-        op: "sum", "mean" (floating dtypes), "max", "min". algorithm:
-        "ring" (bandwidth-optimal, pipelined), "doubling" (recursive doubling,
-        few rounds for small buffers), "shm" (node shared memory, hierarchical
-        across nodes), "native" (MPI's in-place Allreduce), or "auto":
-        shm for shared buffers from ``tuning.allreduce_shm_bytes``, ring for
-        others from ``tuning.allreduce_small_bytes``, native below (16-bit
-        types never go to native). Every algorithm but native gives bit-identical
+        op: "sum", "mean" (floating dtypes), "max", "min"; integers wrap
+        on overflow, as in MPI. algorithm: "ring" (bandwidth-optimal,
+        pipelined), "doubling" (recursive doubling, few rounds for small
+        buffers), "shm" (node shared memory, hierarchical across nodes),
+        "native" (MPI's in-place Allreduce), or "auto": shm for shared
+        buffers from ``tuning.allreduce_shm_bytes``, ring for others from
+        ``tuning.allreduce_small_bytes``, native below (16-bit floats never
+        go to native). Every algorithm but native gives bit-identical
         results on every rank. ``inspect`` (for example a finiteness check)
         is called with final values before other ranks copy them: for "ring"
         and "shm" with the parts this rank reduced (the ranks' calls together
@@ -209,46 +198,37 @@ class Communicator:
             TypeError: not a numpy array, or an unsupported dtype.
             ValueError: non-contiguous or read-only buffer, unknown op or
                 algorithm, or ranks that disagree (checked mode: on every rank).
+            RuntimeError: the Communicator is closed.
         """
-        flat = buf.reshape(-1) if isinstance(buf, np.ndarray) else buf
-        shared = self._find_shared(flat)
-        problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, ALLREDUCE_ALGORITHMS)
-        problem = problem or op_problem(op, buf.dtype) or _shm_problem(algorithm, shared, buf)
-        problem = problem or _bf16_problem(algorithm, buf.dtype)
-        self._check("allreduce", buf, problem, op=op, algorithm=algorithm, shared=shared and shared[1])
+        flat, shared = self._prepare("allreduce", buf, algorithm, ALLREDUCE_ALGORITHMS, op=op)
+        finish = finisher(op, buf.dtype, self.size, inspect)
         if self.size > 1 and flat.size:
             with self._watched("allreduce", flat):
-                self._allreduce(flat, op, algorithm, shared, inspect)
+                self._allreduce(flat, buf.dtype, op, algorithm, shared, finish)
         elif inspect is not None and flat.size:
-            inspect(flat)
+            finisher("sum", buf.dtype, 1, inspect)(flat)
         return buf
 
-    def _allreduce(
-        self, flat: np.ndarray, op: str, algorithm: str, shared: Any, inspect: Callable[[np.ndarray], None] | None
-    ) -> None:
+    def _allreduce(self, flat: np.ndarray, dtype: np.dtype, op: str, algorithm: str, shared: Any, finish) -> None:
         if algorithm == "auto":
-            algorithm = self._auto_allreduce(flat, shared is not None)
-        reduce, finish = reducer(op, flat.dtype), finisher(op, flat.dtype, self.size, inspect)
+            algorithm = self.tuning.allreduce_algorithm(flat.nbytes, dtype in HALF, shared is not None)
         if algorithm == "native":
             self.comm.Allreduce(MPI.IN_PLACE, flat, op=NATIVE_OPS[op])
             if finish is not None:
                 finish(flat)
         elif algorithm == "doubling":
-            doubling.allreduce(self.comm, flat, reduce, self._scratch_for(flat.dtype, flat.size))
+            doubling.allreduce(self.comm, flat, reducer(op, dtype), self._scratch_for(flat.dtype, flat.size))
             if finish is not None:
                 finish(flat)
         elif algorithm == "shm":
             window, offset = shared
-            self.shared.allreduce(window, offset, flat.size, self._reduction(op, flat, finish))
+            self.shared.allreduce(window, offset, flat.size, self._reduction(op, dtype, flat, finish))
         else:
-            ring.allreduce(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype), finish)
+            segment, scratch = self._segment_elems(flat), self._scratch_for(flat.dtype)
+            ring.allreduce(self.comm, flat, reducer(op, dtype), segment, scratch, finish)
 
     def reduce_scatter(
-        self,
-        buf: np.ndarray,
-        op: str = "sum",
-        algorithm: str = "auto",
-        inspect: Callable[[np.ndarray], None] | None = None,
+        self, buf: np.ndarray, op: str = "sum", algorithm: str = "auto", inspect: Inspect = None
     ) -> tuple[int, int]:
         """Reduce ``buf`` over all ranks so that this rank's chunk holds the result; return its (start, stop).
 
@@ -260,43 +240,30 @@ class Communicator:
         every node; other chunks keep this rank's values). ``inspect`` is
         called with this rank's finished chunk (in parts for "shm"). Raises as ``allreduce``.
         """
-        flat = buf.reshape(-1) if isinstance(buf, np.ndarray) else buf
-        shared = self._find_shared(flat)
-        problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, SCATTER_GATHER_ALGORITHMS)
-        problem = problem or op_problem(op, buf.dtype) or _bf16_problem(algorithm, buf.dtype)
-        problem = problem or _shm_problem(algorithm, shared, buf)
-        self._check("reduce_scatter", buf, problem, op=op, algorithm=algorithm, shared=shared and shared[1])
+        flat, shared = self._prepare("reduce_scatter", buf, algorithm, SCATTER_GATHER_ALGORITHMS, op=op)
         start, stop = self._owned(flat.size, algorithm)
-        finish = finisher(op, flat.dtype, self.size, inspect)
+        finish = finisher(op, buf.dtype, self.size, inspect)
         if self.size > 1 and flat.size:
             with self._watched("reduce_scatter", flat):
-                self._reduce_scatter(flat, op, algorithm, start, stop, shared, finish)
+                self._reduce_scatter(flat, buf.dtype, op, algorithm, (start, stop), shared, finish)
         elif finish is not None and flat.size:
             finish(flat[start:stop])
         return start, stop
 
-    def _reduction(self, op: str, flat: np.ndarray, finish: Callable[[np.ndarray], None] | None) -> Reduction:
+    def _reduction(self, op: str, dtype: np.dtype, flat: np.ndarray, finish: Inspect) -> Reduction:
         """How the shared-memory algorithms reduce and finish ``flat`` (its segment and scratch included)."""
-        return Reduction(reducer(op, flat.dtype), finish, self._segment_elems(flat), self._scratch_for(flat.dtype))
+        return Reduction(reducer(op, dtype), finish, self._segment_elems(flat), self._scratch_for(flat.dtype))
 
     def _owned(self, count: int, algorithm: str) -> tuple[int, int]:
         if algorithm == "shm" and self.shared is not None:
             return ring.chunk_bounds(count, self.shared.node.Get_size())[self.shared.node.Get_rank()]
         return self.chunk_bounds(count)[self.rank]
 
-    def _reduce_scatter(
-        self,
-        flat: np.ndarray,
-        op: str,
-        algorithm: str,
-        start: int,
-        stop: int,
-        shared: Any,
-        finish: Callable[[np.ndarray], None] | None,
-    ) -> None:
+    def _reduce_scatter(self, flat, dtype, op: str, algorithm: str, owned: tuple[int, int], shared, finish) -> None:
+        start, stop = owned
         if algorithm == "shm":  # finishes each part of the chunk while it is in cache
             window, offset = shared
-            self.shared.reduce_scatter(window, offset, flat.size, self._reduction(op, flat, finish))
+            self.shared.reduce_scatter(window, offset, flat.size, self._reduction(op, dtype, flat, finish))
             return
         if algorithm == "native":
             # Out of place: MPICH 5.0.2's in-place Reduce_scatter fails an overlap
@@ -306,8 +273,8 @@ class Communicator:
             self.comm.Reduce_scatter(flat, result, counts, op=NATIVE_OPS[op])
             flat[start:stop] = result
         else:
-            reduce = reducer(op, flat.dtype)
-            ring.reduce_scatter(self.comm, flat, reduce, self._segment_elems(flat), self._scratch_for(flat.dtype))
+            scratch = self._scratch_for(flat.dtype)
+            ring.reduce_scatter(self.comm, flat, reducer(op, dtype), self._segment_elems(flat), scratch)
         if finish is not None:
             finish(flat[start:stop])
 
@@ -319,11 +286,7 @@ class Communicator:
         (MPI's Allgatherv) or "shm" (buffers from ``allocate``, chunks as
         ``reduce_scatter`` with "shm" owns them). Raises as ``allreduce``.
         """
-        flat = buf.reshape(-1) if isinstance(buf, np.ndarray) else buf
-        shared = self._find_shared(flat)
-        problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, SCATTER_GATHER_ALGORITHMS)
-        problem = problem or _shm_problem(algorithm, shared, buf)
-        self._check("allgather", buf, problem, algorithm=algorithm, shared=shared and shared[1])
+        flat, shared = self._prepare("allgather", buf, algorithm, SCATTER_GATHER_ALGORITHMS)
         if self.size > 1 and flat.size:
             with self._watched("allgather", flat):
                 if algorithm == "native":
@@ -352,11 +315,7 @@ class Communicator:
         Raises:
             TypeError / ValueError: as for ``allreduce``; also a root outside [0, size).
         """
-        flat = buf.reshape(-1) if isinstance(buf, np.ndarray) else buf
-        shared = self._find_shared(flat)
-        problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, BROADCAST_ALGORITHMS)
-        problem = problem or root_problem(root, self.size) or _shm_problem(algorithm, shared, buf)
-        self._check("broadcast", buf, problem, root=root, algorithm=algorithm, shared=shared and shared[1])
+        flat, shared = self._prepare("broadcast", buf, algorithm, BROADCAST_ALGORITHMS, root=root)
         if self.size > 1 and flat.size:
             with self._watched("broadcast", flat):
                 self._broadcast(flat, root, algorithm, shared)
@@ -364,7 +323,7 @@ class Communicator:
 
     def _broadcast(self, flat: np.ndarray, root: int, algorithm: str, shared: Any) -> None:
         if algorithm == "auto":
-            algorithm = self._auto_broadcast(flat, shared is not None)
+            algorithm = self.tuning.broadcast_algorithm(flat.nbytes, self.size, shared is not None)
         if algorithm == "shm":
             window, offset = shared
             self.shared.broadcast(window, offset, flat.size, root)
@@ -375,53 +334,33 @@ class Communicator:
         else:
             tree.broadcast(self.comm, flat, root)
 
-    def allgather_object(self, obj: Any) -> list[Any]:
-        """Gather a small picklable object from every rank, on every rank (control messages only)."""
-        with self.watch("allgather_object"):
-            return self.comm.allgather(obj)
+    def close(self) -> None:
+        """Stop this Communicator's own watchdog, free its shared windows and communicators (collective).
 
-    def agree(self, error: BaseException | None) -> None:
-        """Raise on every rank if any rank passes an error (see ``checks.agree_on_error``)."""
-        with self.watch("agreement on errors"):
-            agree_on_error(self.comm, error)
-
-    @contextlib.contextmanager
-    def agreement(self) -> Iterator[None]:
-        """Run a block on every rank; if it raises on any rank, raise on all (see ``agree``)."""
-        try:
-            yield
-        except Exception as exc:  # noqa: BLE001 - every error must reach the other ranks
-            self.agree(exc)
-        else:
-            self.agree(None)
-
-    def free(self) -> None:
-        """Release shared windows and communicators (collective).
-
-        The object, and every array that ``allocate`` returned, is unusable afterwards.
+        Idempotent. Every array that ``allocate`` returned is unusable
+        afterwards, and every method but ``close`` raises RuntimeError.
         """
-        if self.watchdog is not None:
-            self.watchdog.stop()
+        if self.closed:
+            return
+        self.closed = True
+        if self._owns_watchdog:
+            self.watchdog.stop()  # before the window that holds its progress array goes
         if self.shared is not None:
             self.shared.free()
+        self._p2p.Free()
         self.comm.Free()
 
-    def _auto_allreduce(self, flat: np.ndarray, shared: bool) -> str:
-        small = flat.nbytes < self.tuning.allreduce_small_bytes
-        if flat.dtype.itemsize == 2:
-            # float16 / bfloat16: MPI has no bfloat16, and MPICH's float16 sum measured 2.5-4x
-            # slower than ours (1 MiB, 2 ranks: 4.7 ms native, 1.1 ms shm, 1.3 ms ring).
-            return "shm" if shared else ("doubling" if small else "ring")
-        if shared:
-            return "shm" if flat.nbytes >= self.tuning.allreduce_shm_bytes else "native"
-        return "native" if small else "ring"
+    free = close
 
-    def _auto_broadcast(self, flat: np.ndarray, shared: bool) -> str:
-        if shared and flat.nbytes >= self.tuning.broadcast_shm_bytes:
-            return "shm"
-        # Scatter + all-gather moves 2(p-1)/p of the buffer per link against the tree's
-        # log2(p) whole buffers: a gain only from 3 ranks on (measured: 0.8-0.97x at 2, 1.06-1.17x at 4).
-        return "scatter" if self.size > 2 and flat.nbytes >= self.tuning.broadcast_large_bytes else "tree"
+    def __enter__(self) -> Communicator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _guard(self) -> None:
+        if self.closed:
+            raise RuntimeError("this Communicator is closed; create a new one (Communicator()) to go on")
 
     @property
     def single_node(self) -> bool:
@@ -430,7 +369,7 @@ class Communicator:
 
     def shares(self, buf: Any) -> bool:
         """Whether ``buf`` lies in node-shared memory from ``allocate`` (so "shm" algorithms take it)."""
-        return self._find_shared(buf) is not None
+        return self._find_shared(wire(buf) if isinstance(buf, np.ndarray) else buf) is not None
 
     def _find_shared(self, flat: Any) -> tuple[Any, int] | None:
         return self.shared.find(flat) if self.shared is not None else None
@@ -448,14 +387,17 @@ class Communicator:
             agree_on_call(self.comm, name, fingerprint, problem)
 
     def watch(self, what: str, sequence: int | None = None) -> contextlib.AbstractContextManager[None]:
-        """A context that the watchdog (if ``timeout`` was given) aborts the job from when it overruns."""
+        """A context that the watchdog (if any) aborts the job from when it overruns.
+
+        ``sequence`` marks a collective of this Communicator for the node's
+        progress report; only the watchdog's owner records it.
+        """
         if self.watchdog is None:
             return contextlib.nullcontext()
-        return self.watchdog.watch(what, sequence)
+        return self.watchdog.watch(what, sequence if self._owns_watchdog else None)
 
     def _watched(self, name: str, flat: Any) -> contextlib.AbstractContextManager[None]:
-        shape = f"{name} #{self.sequence} ({flat.size} x {flat.dtype})"
-        return self.watch(shape, self.sequence)
+        return self.watch(f"{name} #{self.sequence} ({flat.size} x {flat.dtype})", self.sequence)
 
     def _segment_elems(self, flat: np.ndarray) -> int:
         return max(1, self.segment // flat.dtype.itemsize)

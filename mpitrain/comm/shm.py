@@ -15,9 +15,8 @@ a node:
     3. sync: every chunk has reached every buffer.
 
 Writing the result into the peers' buffers, instead of each rank copying
-the other chunks out of their owners' buffers after another sync, made the
-all-reduce of a 7.4 MB gradient in two buckets 28% faster at 2 ranks
-(0.87 -> 0.62 ms) and 34% at 3 (2.37 -> 1.57 ms). ``reduce_scatter`` and
+the other chunks out of their owners' buffers after another sync, saves a
+barrier and a pass over the buffer (README, "Collectives"). ``reduce_scatter`` and
 ``allgather`` are steps 1-2 without the writes, and the copies.
 
 Broadcast is the same idea: the root's buffer reaches the rank with the
@@ -43,6 +42,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm import ring, tree
+from mpitrain.comm.watchdog import Peer, process_start
 
 YIELDS = 1000  # barrier checks that yield the core before it naps (about 1 ms when nothing else runs)
 NAP = 20e-6  # seconds between later checks (the kernel's timer slack makes it about 70 us)
@@ -81,9 +81,33 @@ class SharedBuffers:
     def __init__(self, node: MPI.Comm, cross: MPI.Comm | None, placement: list[tuple[int, int]]) -> None:
         self.node, self.cross, self.placement = node, cross, placement
         self.windows: list[_Window] = []
-        self._arrival_win, self._arrived = self._shared_arrays(1, np.int64)  # the barrier's counters
+        # The barrier's counters: a window of their own, created with the first buffer (windows are
+        # made on first use, so a communicator that never allocates holds none).
+        self._arrival_win: MPI.Win | None = None
+        self._arrived: list[np.ndarray] = []
         self._rounds = 0
-        self.node.Barrier()
+
+    @classmethod
+    def over(cls, comm: MPI.Comm, node: MPI.Comm, watched: bool) -> tuple[SharedBuffers | None, bool]:
+        """The node-shared memory of ``comm`` given its node communicator ``node`` (None, with ``node``
+        freed, when nodes hold different numbers of ranks), and whether any rank passed ``watched``
+        (collective)."""
+        reports = comm.allgather((node.Get_size(), watched))
+        watched = any(w for _, w in reports)
+        if len({size for size, _ in reports}) != 1:  # uneven nodes: no hierarchical path, plain ring instead
+            node.Free()
+            return None, watched
+        cross = comm.Split(node.Get_rank(), key=comm.Get_rank()) if node.Get_size() < comm.Get_size() else None
+        placement = comm.allgather((node.Get_rank(), 0 if cross is None else cross.Get_rank()))
+        return cls(node, cross, placement), watched
+
+    def progress(self, rank: int) -> tuple[np.ndarray, list[Peer]]:
+        """A node-shared progress array for this rank's watchdog, and every node-local rank as a ``Peer``
+        (collective on the node)."""
+        array = self.allocate(2, np.int64)
+        members = self.node.allgather((rank, os.getpid(), process_start()))
+        peers = self.windows[-1].peers
+        return array, [Peer(r, peer, pid, start) for (r, pid, start), peer in zip(members, peers, strict=True)]
 
     def _shared_arrays(self, count: int, dtype: Any) -> tuple[MPI.Win, list[np.ndarray]]:
         """A new shared window and every node-local rank's zeroed array in it (collective on the node)."""
@@ -99,6 +123,8 @@ class SharedBuffers:
 
     def allocate(self, count: int, dtype: Any) -> np.ndarray:
         """A zeroed array of ``count`` elements in a new shared window (collective on the node)."""
+        if self._arrival_win is None:
+            self._arrival_win, self._arrived = self._shared_arrays(1, np.int64)
         win, peers = self._shared_arrays(count, dtype)
         own = peers[self.node.Get_rank()]
         self.windows.append(_Window(win, peers, own.__array_interface__["data"][0], own.nbytes))
@@ -206,8 +232,8 @@ class SharedBuffers:
         """Node barrier on shared arrival counters that gives the core away while it waits.
 
         MPI's barrier busy-polls, so a rank's gradient thread waiting in it for
-        a slower peer takes the core from its own main thread (2 ranks with
-        overlap on 2 cores: backward 7.4 ms instead of 6.8). Here a waiting
+        a slower peer takes the core from its own main thread (and slows
+        its backward when ranks share cores). Here a waiting
         rank yields the core, and after ``YIELDS`` tries naps ``NAP`` seconds
         between checks. Round n ends when every rank has arrived n times.
         """
@@ -221,10 +247,22 @@ class SharedBuffers:
             else:
                 time.sleep(NAP)
 
+    def release(self, window: _Window) -> None:
+        """Free one window and the arrays in it (collective on the node)."""
+        self._sync(window.win)  # no peer still reads it
+        self.windows.remove(window)
+        window.win.Unlock_all()
+        window.win.Free()
+
     def free(self) -> None:
-        """Release every window (collective on the node)."""
+        """Release every window and the node communicators (collective on the node)."""
         self.node.Barrier()
-        for win in [w.win for w in self.windows] + [self._arrival_win]:
+        wins = [w.win for w in self.windows] + ([self._arrival_win] if self._arrival_win is not None else [])
+        for win in wins:
             win.Unlock_all()
             win.Free()
         self.windows.clear()
+        self._arrival_win, self._arrived = None, []
+        for comm in (self.node, self.cross):
+            if comm is not None:
+                comm.Free()

@@ -78,8 +78,10 @@ class Watchdog:
         abort: what ends the job (default ``MPI.COMM_WORLD.Abort``); tests replace it.
         grace: seconds between printing the message and aborting.
 
-    ``stop`` (called at interpreter exit, before MPI finalizes) marks this
-    rank finished so that its peers take its exit for a clean one.
+    ``stop`` (called at interpreter exit, before MPI finalizes, or by the
+    owning Communicator's ``close``) marks this rank finished so that its
+    peers take its exit for a clean one. An abort already announced is
+    carried out first: stop waits for it, so the job cannot end with 0.
     """
 
     def __init__(
@@ -101,23 +103,45 @@ class Watchdog:
         self._lock = threading.Lock()
         self.fired: str | None = None
         self.stopped = False
-        threading.Thread(target=self._run, name="mpitrain-watchdog", daemon=True).start()
+        self._stopping = threading.Event()
+        self._wake_read, self._wake_write = os.pipe()  # stop() ends the peer thread's poll through it
+        self._threads = [threading.Thread(target=self._run, name="mpitrain-watchdog", daemon=True)]
         watched = self._open_peers()  # here, not in the thread: a death right after this is not missed
         if watched:
-            threading.Thread(target=self._watch_exits, args=(watched,), name="mpitrain-peers", daemon=True).start()
+            self._threads.append(
+                threading.Thread(target=self._watch_exits, args=(watched,), name="mpitrain-peers", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
         atexit.register(self.stop)
 
     def stop(self) -> None:
-        """Stop watching and mark this rank finished, so that its exit alarms no peer."""
+        """Stop watching, end the threads and mark this rank finished, so that its exit alarms no peer.
+
+        Idempotent. Afterwards nothing here touches the node-shared progress
+        arrays, so their window may be freed.
+        """
+        if self.stopped:
+            return
         self.stopped = True
+        self._stopping.set()
+        os.write(self._wake_write, b"x")
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+        atexit.unregister(self.stop)
         if self.progress is not None:
             self.progress[FINISHED] = 1
+        self.progress, self.peers = None, []
 
     @contextlib.contextmanager
     def watch(self, what: str, sequence: int | None = None) -> Iterator[None]:
         """Watch the enclosed block; ``sequence`` marks it as collective number ``sequence``."""
-        if sequence is not None and self.progress is not None:
-            self.progress[ENTERED] = sequence
+        progress = self.progress
+        if sequence is not None and progress is not None:
+            progress[ENTERED] = sequence
         token = next(self._tokens)
         with self._lock:
             self._active[token] = (what, sequence, time.monotonic())
@@ -129,8 +153,7 @@ class Watchdog:
 
     def _run(self) -> None:
         poll = min(0.5, self.timeout / 4)
-        while self.fired is None and not self.stopped:
-            time.sleep(poll)
+        while not self._stopping.wait(poll) and self.fired is None:
             now = time.monotonic()
             with self._lock:
                 late = [entry for entry in self._active.values() if now - entry[2] > self.timeout]
@@ -158,16 +181,21 @@ class Watchdog:
     def _watch_exits(self, by_fd: dict[int, Peer]) -> None:
         """Wait until a peer's process exits; unless it had finished cleanly, name it and abort."""
         poll = select.poll()
+        poll.register(self._wake_read, select.POLLIN)
         for fd in by_fd:
             poll.register(fd, select.POLLIN)
         while by_fd and not self.stopped and self.fired is None:
             for fd, _ in poll.poll():
+                if fd == self._wake_read or self.stopped:
+                    break
                 peer = by_fd.pop(fd)
                 poll.unregister(fd)
                 os.close(fd)
-                if not (peer.progress[FINISHED] or self.stopped or self.fired):
+                if not (self.fired or peer.progress[FINISHED]):
                     where = f"pid {peer.pid} on this node"
                     self._fire(f"rank {peer.rank} ({where}) exited before the job finished", EXIT_PEER_EXITED)
+        for fd in by_fd:
+            os.close(fd)
 
     def _late(self, entry: tuple[str, int | None, float]) -> None:
         what, sequence, started = entry
@@ -182,8 +210,9 @@ class Watchdog:
             if self.fired is not None:
                 return
             self.fired = f"[rank {self.rank}] watchdog: {message}"
-        if self.progress is not None:
-            self.progress[FINISHED] = 1  # this rank's own exit is the abort, not news for its peers
+        progress = self.progress
+        if progress is not None:
+            progress[FINISHED] = 1  # this rank's own exit is the abort, not news for its peers
         sys.stderr.write(self.fired + "; aborting the job\n")  # one write: lines of ranks do not interleave
         sys.stderr.flush()
         abort_job(code, self.grace, self.abort)

@@ -2,14 +2,21 @@
 
 ``Module.init_params`` allocates ONE contiguous parameter buffer and ONE
 contiguous gradient buffer for a whole model and turns every parameter's
-``data`` and ``grad`` into views of them. The layout is reverse layer order
-(the last layer's parameters first), so the gradients that backward finishes
-first are contiguous at the front of the buffer. A collective or an optimizer
-then works on the flat buffers with no packing copies.
+``data`` and ``grad`` into views of them. The layout (``Module.layout``) is
+reverse layer order (the last layer's parameters first), so the gradients
+that backward finishes first are contiguous at the front of the buffer. A
+collective or an optimizer then works on the flat buffers with no packing
+copies.
+
+Each parameter's initial values come from a random stream of its own, keyed
+by the seed and the parameter's dotted name, so a model built from a slice of
+a Sequential's layers (``Sequential.stage``, a pipeline stage) starts with
+exactly the values those layers have in the whole model.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -69,6 +76,11 @@ class Parameter:
             limit = np.sqrt(6.0 / (self.fan_in + self.fan_out))
             return rng.uniform(-limit, limit, self.shape)
         return np.zeros(self.shape)
+
+
+def parameter_rng(seed: int, name: str) -> np.random.Generator:
+    """The random stream of parameter ``name`` (its dotted name in the whole model) under ``seed``."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
 class Module:
@@ -141,6 +153,22 @@ class Module:
         """All parameters, in forward order."""
         return [p for _, p in self.named_parameters()]
 
+    def random_state(self) -> list[dict[str, Any]]:
+        """The state of every random stream in this model (Dropout masks), in ``modules()`` order."""
+        return [m.rng.bit_generator.state for m in self.modules() if getattr(m, "rng", None) is not None]
+
+    def set_random_state(self, states: list[dict[str, Any]]) -> None:
+        """Restore what ``random_state`` returned (the same model structure).
+
+        Raises:
+            ValueError: the number of streams differs.
+        """
+        owners = [m for m in self.modules() if getattr(m, "rng", None) is not None]
+        if len(owners) != len(states):
+            raise ValueError(f"the model has {len(owners)} random streams, the state holds {len(states)}")
+        for module, state in zip(owners, states, strict=True):
+            module.rng.bit_generator.state = state
+
     def train(self, mode: bool = True) -> Module:
         """Set training mode (affects Dropout) on this module and its descendants."""
         for m in self.modules():
@@ -160,36 +188,46 @@ class Module:
     ) -> Module:
         """Allocate the flat buffers, bind every parameter to views and initialise them.
 
-        Values are drawn in forward order from ``numpy.random.default_rng(seed)``
+        Each parameter's values are drawn from ``parameter_rng(seed, name)``
         in float64 and then cast, so the same seed gives the same model on
-        every rank and for every dtype. ``allocate(count, dtype)`` returns a
-        zeroed 1-D buffer for each flat buffer (for example memory that a
-        collective can share); default ``xp.zeros``. Returns self.
+        every rank, for every dtype, and for a stage cut from it.
+        ``allocate(count, dtype)`` returns a zeroed 1-D buffer for each flat
+        buffer (for example memory that a collective can share); default
+        ``xp.zeros``. Returns self.
         """
-        params = self.parameters()
-        total = sum(p.size for p in params)
+        named = list(self.named_parameters())
+        total = sum(p.size for _, p in named)
         allocate = allocate or (lambda count, kind: xp.zeros(count, dtype=kind))
-        self.flat_params = allocate(total, dtype)
-        self.flat_grads = allocate(total, dtype)
+        self.layout: list[tuple[str, int, int]] = []
         offset = 0
-        for p in reversed(params):  # reverse layer order: see the module docstring
-            p.data = self.flat_params[offset : offset + p.size].reshape(p.shape)
-            p.grad = self.flat_grads[offset : offset + p.size].reshape(p.shape)
+        for name, p in reversed(named):  # reverse layer order: see the module docstring
+            self.layout.append((name, offset, offset + p.size))
             offset += p.size
-        rng = np.random.default_rng(seed)
-        for p in params:
-            p.data[...] = backend.to_device(p.initial_values(rng).astype(dtype), xp)
+        self.rebind(allocate(total, dtype), allocate(total, dtype))
+        for name, p in named:
+            p.data[...] = backend.to_device(p.initial_values(parameter_rng(seed, name)).astype(dtype), xp)
         for m in self.modules():
             m.xp = xp
         return self
+
+    def rebind(self, flat_params: Any, flat_grads: Any) -> None:
+        """Make ``flat_params`` / ``flat_grads`` (1-D, the layout's size) this model's buffers, every
+        parameter's ``data`` and ``grad`` views of them (e.g. to move a model out of shared memory
+        that is about to be freed: pass copies)."""
+        by_name = dict(self.named_parameters())
+        self.flat_params, self.flat_grads = flat_params, flat_grads
+        for name, start, stop in self.layout:
+            p = by_name[name]
+            p.data = flat_params[start:stop].reshape(p.shape)
+            p.grad = flat_grads[start:stop].reshape(p.shape)
 
     def zero_grad(self, lazy: bool = False) -> None:
         """Set every gradient to zero: one fill of the flat gradient buffer.
 
         With ``lazy``, the gradients of layers that support it
         (``writes_stale_grads``) are only marked stale, and their next
-        backward writes them instead of adding to them. That saves the fill:
-        0.4 ms of a 12 ms MLP step (7 MiB of gradients, one Xeon core). Until
+        backward writes them instead of adding to them, which saves a fill of
+        the whole buffer every step (README, "Speed on a core"). Until
         each such layer's backward has run, or ``settle_grads``, its
         gradients hold old values.
         """
@@ -229,16 +267,38 @@ class Sequential(Module):
     order, so pooling reads contiguous memory).
     """
 
-    def __init__(self, *layers: Module) -> None:
+    def __init__(self, *layers: Module, first_index: int = 0) -> None:
         self.layers = list(layers)
+        self.first_index = first_index  # this model's layer 0 is layer first_index of the whole model
         self.after_backward: Callable[[int], None] | None = None
         self._fused_at: int | None = None  # set by each forward, read by the backward after it
+
+    def stage(self, start: int, stop: int) -> Sequential:
+        """A new, uninitialised model of layers [start, stop): its parameters have the names, and after
+        ``init_params`` with the same seed the values, they have in this model (the layers are shared
+        objects, so build a fresh whole model per stage when several live in one process)."""
+        if not 0 <= start < stop <= len(self.layers):
+            raise ValueError(f"stage [{start}, {stop}) is not a non-empty range of the {len(self.layers)} layers")
+        return Sequential(*self.layers[start:stop], first_index=self.first_index + start)
+
+    def ready_offsets(self) -> list[int]:
+        """For each layer index i: how many leading flat-gradient elements are final once the backward of
+        layers i..end has run (the reverse layout puts later layers first). Needs ``init_params``."""
+        ends: dict[int, int] = {}
+        for name, _, stop in self.layout:
+            layer = int(name.split(".", 1)[0]) - self.first_index
+            ends[layer] = max(ends.get(layer, 0), stop)
+        offsets, done = [], 0
+        for index in range(len(self.layers) - 1, -1, -1):
+            done = max(done, ends.get(index, 0))
+            offsets.append(done)
+        return offsets[::-1]
 
     def children(self) -> list[Module]:
         return list(self.layers)
 
     def _named_children(self) -> list[tuple[str, Module]]:
-        return [(str(i), layer) for i, layer in enumerate(self.layers)]
+        return [(str(self.first_index + i), layer) for i, layer in enumerate(self.layers)]
 
     def forward(self, x: Any) -> Any:
         self._fused_at = self._fusion()

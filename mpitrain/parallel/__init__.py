@@ -1,5 +1,20 @@
-"""Training strategies: how gradients and parameters move between ranks."""
+"""Training strategies behind one interface (``base.Strategy``), chosen by name with ``--strategy``."""
 
-from mpitrain.parallel.data_parallel import DataParallel
+from mpitrain.parallel.base import STRATEGIES, Job, State, Strategy, Sums, options_for, register
+from mpitrain.parallel.base import get as strategy_class
+from mpitrain.parallel.data_parallel import AllReduce, DataParallel
+from mpitrain.parallel.reducer import GradientReducer
 
-__all__ = ["DataParallel"]
+__all__ = [
+    "STRATEGIES",
+    "AllReduce",
+    "DataParallel",
+    "GradientReducer",
+    "Job",
+    "State",
+    "Strategy",
+    "Sums",
+    "options_for",
+    "register",
+    "strategy_class",
+]

@@ -1,0 +1,63 @@
+"""Collectives of small picklable objects, for control messages: the Communicator's other half.
+
+Setup, checkpoints and the training loop exchange a few small Python objects
+(a digest per rank, a checkpoint's metadata, an error). Here they go through
+the Communicator like every buffer, so they are guarded and watched; no
+module above ``comm`` needs raw mpi4py for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from mpi4py import MPI
+
+from mpitrain.comm.checks import agree_on_error
+
+
+class ObjectCollectives:
+    """A mixin of ``Communicator`` (uses its ``comm``, ``watch`` and ``_guard``)."""
+
+    comm: MPI.Comm
+
+    def _guard(self) -> None:
+        raise NotImplementedError
+
+    def watch(self, what: str, sequence: int | None = None) -> contextlib.AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        """Gather a small picklable object from every rank, on every rank (control messages only)."""
+        self._guard()
+        with self.watch("allgather_object"):
+            return self.comm.allgather(obj)
+
+    def gather_object(self, obj: Any, root: int = 0) -> list[Any] | None:
+        """Gather a small picklable object from every rank on ``root`` (others get None)."""
+        self._guard()
+        with self.watch("gather_object"):
+            return self.comm.gather(obj, root=root)
+
+    def bcast_object(self, obj: Any, root: int = 0) -> Any:
+        """``root``'s picklable object, on every rank (what other ranks pass is ignored)."""
+        self._guard()
+        with self.watch("bcast_object"):
+            return self.comm.bcast(obj, root=root)
+
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank if any rank passes an error (see ``checks.agree_on_error``)."""
+        self._guard()
+        with self.watch("agreement on errors"):
+            agree_on_error(self.comm, error)
+
+    @contextlib.contextmanager
+    def agreement(self) -> Iterator[None]:
+        """Run a block on every rank; if it raises on any rank, raise on all (see ``agree``)."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - every error must reach the other ranks
+            self.agree(exc)
+        else:
+            self.agree(None)

@@ -1,0 +1,189 @@
+"""Bucketed, overlapped averaging of a flat gradient buffer: the piece data parallelism and
+``DistributedOptimizer`` share.
+
+The buffer is cut into buckets of about ``bucket_bytes`` on parameter
+boundaries, in the order backward fills it (the reverse layout puts the last
+layer first). During backward the caller says how many leading elements are
+final (``ready``); each bucket that is then complete goes to a worker thread
+that averages it across the ranks while backward goes on (numpy and MPI
+release the GIL). ``finish`` averages what is left, waits, and combines the
+ranks' finiteness verdicts. Overlapped or not, the same buckets are reduced
+the same way, so the results are bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mpitrain import backend
+from mpitrain.comm import Communicator
+from mpitrain.comm.compress import build_compressor
+
+DEFAULT_BUCKET_BYTES = 1 << 20
+
+
+def finite(values: Any) -> bool:
+    """Whether every value is finite, in one pass: a dot product with itself is NaN/Inf when any value is,
+    and BLAS reads it faster than a sum. Only when it overflows (values past 1e19) does an exact sum decide."""
+    xp = backend.array_module_of(values)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is an answer, not a problem
+        return math.isfinite(float(xp.dot(values, values))) or math.isfinite(float(values.sum()))
+
+
+def plan_buckets(layout: Sequence[tuple[str, int, int]], itemsize: int, bucket_bytes: int) -> list[tuple[int, int]]:
+    """(start, stop) of each bucket of a flat buffer laid out as ``layout`` ((name, start, stop) in
+    buffer order): buckets end on parameter boundaries and hold at least ``bucket_bytes`` (the last may
+    hold less)."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be at least 1, got {bucket_bytes}")
+    buckets, start = [], 0
+    for _, _, end in layout:
+        if (end - start) * itemsize >= bucket_bytes:
+            buckets.append((start, end))
+            start = end
+    if layout and layout[-1][2] > start:
+        buckets.append((start, layout[-1][2]))
+    return buckets
+
+
+class _Worker(threading.Thread):
+    """Runs queued bucket averages in order; ``close`` ends it."""
+
+    def __init__(self, work: Any) -> None:
+        super().__init__(name="mpitrain-gradients", daemon=True)
+        self.work = work
+        self.jobs: queue.Queue[tuple[int, int] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                if self.error is None:
+                    self.work(*job)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller in wait()
+                self.error = exc
+            finally:
+                self.jobs.task_done()
+
+    def wait(self) -> None:
+        self.jobs.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.join()
+
+
+class GradientReducer:
+    """Averages a flat gradient buffer over ``comm`` in buckets, optionally during backward.
+
+    Args:
+        comm: the data-parallel group.
+        grads: the flat gradient buffer (``Module.flat_grads``).
+        layout: its (name, start, stop) in buffer order (``Module.layout``).
+        algorithm: all-reduce algorithm (see ``Communicator.allreduce``).
+        bucket_bytes: gradient bytes per reduction.
+        overlap: reduce in a worker thread as buckets become ready.
+        compression: "none", "fp16", "bf16" or "topk:RATIO" (see ``comm.compress``).
+        shard: reduce-scatter each bucket with this algorithm instead of
+            all-reducing it, so each rank ends with only its owned chunks
+            averaged (``owned``); None: all-reduce. Not with compression.
+
+    A step: ``begin()``, then ``ready(n)`` as backward finishes the first
+    ``n`` elements (optional), then ``finish()``, which returns whether the
+    averaged gradients are finite on every rank (each rank checks the values
+    it finishes, inside the reduction). ``close()`` ends the worker and
+    gives back the compressor's buffers.
+    """
+
+    def __init__(
+        self,
+        comm: Communicator,
+        grads: Any,
+        layout: Sequence[tuple[str, int, int]],
+        algorithm: str = "auto",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        overlap: bool = True,
+        compression: str = "none",
+        shard: str | None = None,
+    ) -> None:
+        if shard is not None and compression != "none":
+            raise ValueError(f"a sharded reduction works with uncompressed gradients, not compression {compression!r}")
+        self.comm, self.grads, self.algorithm, self.shard = comm, grads, algorithm, shard
+        self.buckets = plan_buckets(layout, grads.dtype.itemsize, bucket_bytes)
+        self.compressor = build_compressor(compression, comm, grads.size)
+        self.owned: list[tuple[int, int]] = []  # with shard: the (start, stop) this rank holds averaged
+        self._xp = backend.array_module_of(grads)
+        self._finite = True
+        self._next = 0
+        self._worker = _Worker(self._reduce) if overlap else None
+
+    @property
+    def overlap(self) -> bool:
+        """Whether buckets are reduced by a worker thread during backward."""
+        return self._worker is not None
+
+    def begin(self) -> None:
+        """Start a step: no bucket submitted yet."""
+        self._finite, self._next = True, 0
+        self.owned.clear()
+
+    def ready(self, count: int) -> None:
+        """The first ``count`` elements are final: hand every bucket they complete to the worker."""
+        synced = False
+        while self._next < len(self.buckets) and self.buckets[self._next][1] <= count:
+            if not synced:  # a device's queued kernels must have written the bucket before it travels
+                backend.synchronize(self._xp)
+                synced = True
+            self._submit(self.buckets[self._next])
+            self._next += 1
+
+    def finish(self) -> bool:
+        """Reduce the buckets not yet handed over, wait for all, and return whether the averaged
+        gradients are finite on every rank (one 8-byte all-reduce combines the verdicts)."""
+        backend.synchronize(self._xp)
+        for bucket in self.buckets[self._next :]:
+            self._submit(bucket)
+        self._next = len(self.buckets)
+        if self._worker is not None:
+            self._worker.wait()
+        verdict = self.comm.allreduce(np.array([self._finite], np.int64), op="min")
+        return bool(verdict[0])
+
+    def gather(self, buffer: Any) -> None:
+        """All-gather ``buffer`` bucket by bucket, so every rank's owned chunks reach every rank (shard only)."""
+        for start, stop in self.buckets:
+            self.comm.allgather(buffer[start:stop], algorithm=self.shard)
+
+    def close(self) -> None:
+        """End the worker thread and release the compressor's buffers (collective)."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+        self.compressor.close(self.comm)
+
+    def _submit(self, bucket: tuple[int, int]) -> None:
+        if self._worker is not None:
+            self._worker.jobs.put(bucket)
+        else:
+            self._reduce(*bucket)
+
+    def _reduce(self, start: int, stop: int) -> None:
+        if self.shard is None:
+            self.compressor.reduce_mean(self.comm, self.grads, start, stop, self.algorithm, self._inspect)
+        else:  # only the owned chunk ends averaged
+            view = self.grads[start:stop]
+            a, b = self.comm.reduce_scatter(view, op="mean", algorithm=self.shard, inspect=self._inspect)
+            self.owned.append((start + a, start + b))
+
+    def _inspect(self, averaged: Any) -> None:
+        self._finite = self._finite and finite(averaged)
