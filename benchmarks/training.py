@@ -158,10 +158,14 @@ def driver(args: argparse.Namespace) -> int:
                 for framework in frameworks:
                     if framework in PLAIN and (model == "cnn" or (framework == "numpy") != (n == 1)):
                         continue
-                    record = run_worker(args, framework, model, n)
-                    if record is None:
-                        return 1
-                    runs.setdefault((framework, model, n), []).append(record)
+                    trees = [None]
+                    if args.baseline_tree and framework in ("mpitrain", "sharded") and model in ("mlp", "cnn"):
+                        trees.append(args.baseline_tree)  # the same job on the other code, right after
+                    for tree in trees:
+                        record = run_worker(args, framework, model, n, tree)
+                        if record is None:
+                            return 1
+                        runs.setdefault((record["framework"], model, n), []).append(record)
     records = [median_record(group) for group in runs.values()]
     print_table(records)
     if args.json:
@@ -172,22 +176,28 @@ def driver(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_worker(args: argparse.Namespace, framework: str, model: str, n: int) -> dict | None:
-    """One ``mpiexec -n n`` job of this script as a worker; its record, or None (reported) when it failed."""
+def run_worker(args: argparse.Namespace, framework: str, model: str, n: int, tree: str | None = None) -> dict | None:
+    """One ``mpiexec -n n`` job of this script as a worker (with ``tree``: that source tree's own worker
+    and package, its record labelled ``FRAMEWORK@base``); its record, or None (reported) when it failed."""
     options = {"framework": framework, "model": model, "steps": args.steps, "warmup": args.warmup,
                "batch": args.batch, "threads": args.threads, "bucket-mb": args.bucket_mb,
                "micro-batch": args.micro_batch}  # fmt: skip
     flags = [part for k, v in options.items() for part in (f"--{k}", str(v))]
     flags += ["--no-overlap"] if args.no_overlap else []
-    command = mpiexec_command(n, sys.executable, os.path.abspath(__file__), "--worker", *flags)
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=args.timeout, check=False, env=child_environment()
-    )
+    script, env = os.path.abspath(__file__), child_environment()
+    if tree is not None:
+        script = os.path.join(tree, "benchmarks", "training.py")
+        env["PYTHONPATH"] = os.path.abspath(tree) + os.pathsep + env.get("PYTHONPATH", "")
+    command = mpiexec_command(n, sys.executable, script, "--worker", *flags)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         print(f"# {framework} {model} at {n} rank(s) failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
         return None
-    return json.loads(lines[0][7:])
+    record = json.loads(lines[0][7:])
+    if tree is not None:
+        record["framework"] += "@base"
+    return record
 
 
 def median_record(group: list[dict]) -> dict:
@@ -205,7 +215,7 @@ def print_table(records: list[dict]) -> None:
     plain = {(r["model"], r["ranks"]): r["samples_per_s"] for r in records if r["framework"] in PLAIN}
     nan = float("nan")
     print(
-        f"# {'framework':>9} {'model':>9} {'ranks':>5} {'thr':>3} {'samples/s':>10} {'scaling':>7} {'eff':>5} "
+        f"# {'framework':>13} {'model':>9} {'ranks':>5} {'thr':>3} {'samples/s':>10} {'scaling':>7} {'eff':>5} "
         f"{'vs_ddp':>6} {'vs_plain':>8} {'step_ms':>8} {'fwd_ms':>7} {'bwd_ms':>7} {'wait_ms':>7} {'opt_ms':>7} "
         f"{'wait%':>5} {'runs':>4} {'range%':>6}"
     )
@@ -218,7 +228,7 @@ def print_table(records: list[dict]) -> None:
         runs = r.get("runs_samples_per_s", [r["samples_per_s"]])
         spread = 100 * (max(runs) - min(runs)) / r["samples_per_s"]
         print(
-            f"  {r['framework']:>9} {r['model']:>9} {r['ranks']:>5} {r['threads']:>3} {r['samples_per_s']:>10.0f} "
+            f"  {r['framework']:>13} {r['model']:>9} {r['ranks']:>5} {r['threads']:>3} {r['samples_per_s']:>10.0f} "
             f"{speedup:>7.2f} {speedup / r['ranks']:>5.2f} {versus:>6.2f} {over_plain:>8.2f} {r['step_ms']:>8.2f} "
             + " ".join(f"{v:>7.2f}" for v in parts)
             + f" {100 * parts[2] / r['step_ms']:>5.1f} {len(runs):>4} {spread:>6.1f}"
@@ -264,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per worker job")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of every job, interleaved; the table shows each one's median run")  # fmt: skip
+    parser.add_argument("--baseline-tree", default=None, metavar="DIR",
+                        help="also time mpitrain and sharded (mlp, cnn) from another source tree, e.g. a git "
+                             "worktree of an earlier commit, interleaved; rows FRAMEWORK@base")  # fmt: skip
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -19,7 +19,7 @@ from mpitrain.backend import array_module_of
 
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-BLOCK = 1 << 15  # elements per block: a few blocks of float32 operands fit in L2
+BLOCK = 1 << 17  # elements per block: a block of each float32 operand fits in L2 together
 
 
 class LRSchedule:

@@ -16,6 +16,7 @@ from mpi4py import MPI
 
 from mpitrain.comm.ops import DTYPES, OPS, is_floating
 
+_ACCEPTED = frozenset(DTYPES)  # a set lookup: this check runs before every collective
 ERROR_TYPES = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, RuntimeError, MemoryError)}
 
 Problem = tuple[str, str]  # (exception class name, message)
@@ -36,7 +37,7 @@ def buffer_problem(buf: Any, writable: bool = True) -> Problem | None:
     """What makes ``buf`` unusable for an in-place collective (``writable``) or a send, or None."""
     if not isinstance(buf, np.ndarray):
         return "TypeError", f"expected a numpy array, got {type(buf).__name__}"
-    if buf.dtype not in DTYPES:
+    if buf.dtype not in _ACCEPTED:
         return "TypeError", f"unsupported dtype {buf.dtype}; expected one of {', '.join(map(str, DTYPES))}"
     if not buf.flags.c_contiguous:
         return "ValueError", "buffer is not C-contiguous (use numpy.ascontiguousarray)"

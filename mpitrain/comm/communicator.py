@@ -386,8 +386,9 @@ class Communicator(PointToPoint, ObjectCollectives):
         with self.watch(f"checking {name} #{self.sequence}", self.sequence):
             agree_on_call(self.comm, name, fingerprint, problem)
 
-    def watch(self, what: str, sequence: int | None = None) -> contextlib.AbstractContextManager[None]:
-        """A context that the watchdog (if any) aborts the job from when it overruns.
+    def watch(self, what: Any, sequence: int | None = None) -> contextlib.AbstractContextManager[None]:
+        """A context that the watchdog (if any) aborts the job from when it overruns (``what``: a text,
+        or a callable giving it).
 
         ``sequence`` marks a collective of this Communicator for the node's
         progress report; only the watchdog's owner records it.
@@ -397,7 +398,10 @@ class Communicator(PointToPoint, ObjectCollectives):
         return self.watchdog.watch(what, sequence if self._owns_watchdog else None)
 
     def _watched(self, name: str, flat: Any) -> contextlib.AbstractContextManager[None]:
-        return self.watch(f"{name} #{self.sequence} ({flat.size} x {flat.dtype})", self.sequence)
+        if self.watchdog is None:
+            return contextlib.nullcontext()
+        sequence, size, dtype = self.sequence, flat.size, flat.dtype
+        return self.watch(lambda: f"{name} #{sequence} ({size} x {dtype})", sequence)  # formatted only if late
 
     def _segment_elems(self, flat: np.ndarray) -> int:
         return max(1, self.segment // flat.dtype.itemsize)

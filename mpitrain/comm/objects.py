@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm.checks import agree_on_error
@@ -45,6 +46,15 @@ class ObjectCollectives:
         self._guard()
         with self.watch("bcast_object"):
             return self.comm.bcast(obj, root=root)
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on every rank (collective): one 8-byte all-reduce with none of a
+        buffer collective's checks, for the verdicts a step combines (e.g. "my gradients are finite")."""
+        self._guard()
+        value = np.array([1 if flag else 0], np.int64)
+        with self.watch("all_true"):
+            self.comm.Allreduce(MPI.IN_PLACE, value, op=MPI.MIN)
+        return bool(value[0])
 
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank if any rank passes an error (see ``checks.agree_on_error``)."""

@@ -133,7 +133,7 @@ class SharedBuffers:
 
     def find(self, buf: np.ndarray) -> tuple[_Window, int] | None:
         """(window, element offset) when ``buf`` lies inside one of this rank's shared arrays."""
-        if not isinstance(buf, np.ndarray) or buf.size == 0:
+        if not isinstance(buf, np.ndarray) or buf.size == 0 or not self.windows:
             return None
         address = buf.__array_interface__["data"][0]
         for window in self.windows:

@@ -17,14 +17,13 @@ launcher may kill the survivors first and report some process's pid;
 from __future__ import annotations
 
 import atexit
-import contextlib
 import itertools
 import os
 import select
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -67,6 +66,26 @@ class Peer(NamedTuple):
     start: int | None = None  # ``process_start`` as the rank itself read it
 
 
+class _Region:
+    """One watched block (see ``Watchdog.watch``): a plain context manager, as it wraps every collective."""
+
+    __slots__ = ("dog", "sequence", "token", "what")
+
+    def __init__(self, dog: Watchdog, what: str | Callable[[], str], sequence: int | None) -> None:
+        self.dog, self.what, self.sequence = dog, what, sequence
+
+    def __enter__(self) -> None:
+        dog = self.dog
+        progress = dog.progress
+        if self.sequence is not None and progress is not None:
+            progress[ENTERED] = self.sequence
+        self.token = next(dog._tokens)
+        dog._active[self.token] = (self.what, self.sequence, time.monotonic())
+
+    def __exit__(self, *exc: object) -> None:
+        del self.dog._active[self.token]
+
+
 class Watchdog:
     """Watches regions of this rank and aborts the job when one outlives ``timeout`` seconds or a peer dies.
 
@@ -98,7 +117,7 @@ class Watchdog:
         self.rank, self.timeout = rank, float(timeout)
         self.progress, self.peers = progress, peers or []
         self.abort, self.grace = abort or MPI.COMM_WORLD.Abort, grace
-        self._active: dict[int, tuple[str, int | None, float]] = {}
+        self._active: dict[int, tuple[str | Callable[[], str], int | None, float]] = {}
         self._tokens = itertools.count()
         self._lock = threading.Lock()
         self.fired: str | None = None
@@ -136,27 +155,17 @@ class Watchdog:
             self.progress[FINISHED] = 1
         self.progress, self.peers = None, []
 
-    @contextlib.contextmanager
-    def watch(self, what: str, sequence: int | None = None) -> Iterator[None]:
-        """Watch the enclosed block; ``sequence`` marks it as collective number ``sequence``."""
-        progress = self.progress
-        if sequence is not None and progress is not None:
-            progress[ENTERED] = sequence
-        token = next(self._tokens)
-        with self._lock:
-            self._active[token] = (what, sequence, time.monotonic())
-        try:
-            yield
-        finally:
-            with self._lock:
-                del self._active[token]
+    def watch(self, what: str | Callable[[], str], sequence: int | None = None) -> _Region:
+        """A context that watches the enclosed block; ``what`` describes it (a callable is only called when
+        the block is reported); ``sequence`` marks it as collective number ``sequence``."""
+        return _Region(self, what, sequence)
 
     def _run(self) -> None:
         poll = min(0.5, self.timeout / 4)
         while not self._stopping.wait(poll) and self.fired is None:
             now = time.monotonic()
-            with self._lock:
-                late = [entry for entry in self._active.values() if now - entry[2] > self.timeout]
+            # list() of a dict's values runs in C under the GIL: a snapshot while regions come and go
+            late = [entry for entry in list(self._active.values()) if now - entry[2] > self.timeout]
             if late:
                 self._late(max(late, key=lambda entry: entry[2]))  # the innermost late region
 
@@ -197,8 +206,9 @@ class Watchdog:
         for fd in by_fd:
             os.close(fd)
 
-    def _late(self, entry: tuple[str, int | None, float]) -> None:
+    def _late(self, entry: tuple[str | Callable[[], str], int | None, float]) -> None:
         what, sequence, started = entry
+        what = what() if callable(what) else what
         message = f"{what} has not completed in {time.monotonic() - started:.1f} s"
         if sequence is not None and self.peers:
             behind = [p.rank for p in self.peers if p.rank != self.rank and int(p.progress[ENTERED]) < sequence]

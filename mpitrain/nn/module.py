@@ -216,6 +216,7 @@ class Module:
         that is about to be freed: pass copies)."""
         by_name = dict(self.named_parameters())
         self.flat_params, self.flat_grads = flat_params, flat_grads
+        self._owner_cache = None
         for name, start, stop in self.layout:
             p = by_name[name]
             p.data = flat_params[start:stop].reshape(p.shape)
@@ -233,16 +234,26 @@ class Module:
         """
         if not lazy:
             self.flat_grads.fill(0)
-        for module in self.modules():
-            for _, p in module._own_parameters():
-                p.grad_stale = lazy and module.writes_stale_grads
-                if lazy and not p.grad_stale:
+        for writes, params in self._owners():
+            for p in params:
+                p.grad_stale = lazy and writes
+                if lazy and not writes:
                     p.grad.fill(0)
+
+    def _owners(self) -> list[tuple[bool, list[Parameter]]]:
+        """(writes_stale_grads, own parameters) of every module with parameters: walked once per
+        ``init_params`` / ``rebind``, not once per step."""
+        if getattr(self, "_owner_cache", None) is None:
+            found = [(m.writes_stale_grads, [p for _, p in m._own_parameters()]) for m in self.modules()]
+            self._owner_cache = [(writes, params) for writes, params in found if params]
+        return self._owner_cache
 
     def settle_grads(self) -> None:
         """Zero every gradient still stale after a lazy ``zero_grad`` (its layer's backward did not run)."""
-        for p in self.parameters():
-            if p.grad_stale:
+        for _, params in self._owners():
+            for p in params:
+                if not p.grad_stale:
+                    continue
                 p.grad.fill(0)
                 p.grad_stale = False
 
@@ -313,7 +324,15 @@ class Sequential(Module):
         return x
 
     def _first_parametric(self) -> int:
-        return next((i for i, layer in enumerate(self.layers) if layer.parameters()), len(self.layers))
+        """Index of the first layer with parameters (asked for every forward and backward, so kept)."""
+        key = tuple(map(id, self.layers))
+        cached = getattr(self, "_first_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._first_cache = (
+                key,
+                next((i for i, m in enumerate(self.layers) if m.parameters()), len(self.layers)),
+            )
+        return cached[1]
 
     def _fusion(self) -> int | None:
         """Index of the layer that runs fused with the next one in this training step, if any."""

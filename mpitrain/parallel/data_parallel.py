@@ -97,7 +97,7 @@ class DataParallel:
         self.reducer = GradientReducer(
             comm, model.flat_grads, model.layout, algorithm, bucket_bytes, overlap, compression, shard
         )
-        ready = model.ready_offsets() if overlap and isinstance(model, Sequential) else None
+        ready = model.ready_offsets() if self.reducer.overlap and isinstance(model, Sequential) else None
         self._after_backward = (lambda layer: self.reducer.ready(ready[layer])) if ready is not None else None
         self.skipped_steps = 0
         self.timings = dict.fromkeys(PHASES, 0.0)

@@ -92,7 +92,8 @@ class GradientReducer:
         layout: its (name, start, stop) in buffer order (``Module.layout``).
         algorithm: all-reduce algorithm (see ``Communicator.allreduce``).
         bucket_bytes: gradient bytes per reduction.
-        overlap: reduce in a worker thread as buckets become ready.
+        overlap: reduce in a worker thread as buckets become ready (where
+            there is more than one rank and more than one bucket).
         compression: "none", "fp16", "bf16" or "topk:RATIO" (see ``comm.compress``).
         shard: reduce-scatter each bucket with this algorithm instead of
             all-reducing it, so each rank ends with only its owned chunks
@@ -125,7 +126,10 @@ class GradientReducer:
         self._xp = backend.array_module_of(grads)
         self._finite = True
         self._next = 0
-        self._worker = _Worker(self._reduce) if overlap else None
+        # A worker only where it can overlap anything: with one rank there is nothing to send, and one
+        # bucket can only start once backward is done; handing work to a thread then costs the step.
+        useful = overlap and comm.size > 1 and len(self.buckets) > 1
+        self._worker = _Worker(self._reduce) if useful else None
 
     @property
     def overlap(self) -> bool:
@@ -149,15 +153,14 @@ class GradientReducer:
 
     def finish(self) -> bool:
         """Reduce the buckets not yet handed over, wait for all, and return whether the averaged
-        gradients are finite on every rank (one 8-byte all-reduce combines the verdicts)."""
+        gradients are finite on every rank (``Communicator.all_true``)."""
         backend.synchronize(self._xp)
         for bucket in self.buckets[self._next :]:
             self._submit(bucket)
         self._next = len(self.buckets)
         if self._worker is not None:
             self._worker.wait()
-        verdict = self.comm.allreduce(np.array([self._finite], np.int64), op="min")
-        return bool(verdict[0])
+        return self._finite if self.comm.size == 1 else self.comm.all_true(self._finite)
 
     def gather(self, buffer: Any) -> None:
         """All-gather ``buffer`` bucket by bucket, so every rank's owned chunks reach every rank (shard only)."""
