@@ -198,6 +198,44 @@ def test_init_is_seeded_and_scaled() -> None:
     assert not a.layers[1].bias.data.any()
 
 
+def test_the_published_layout_and_ready_offsets_match_the_buffer() -> None:
+    model = build_model("mlp", (1, 8, 8), 10, (16, 12)).init_params(seed=3)
+    by_name = dict(model.named_parameters())
+    assert [name for name, _, _ in model.layout] == [name for name, _ in reversed(list(model.named_parameters()))]
+    for name, start, stop in model.layout:
+        assert np.shares_memory(by_name[name].grad, model.flat_grads[start:stop]) and stop - start == by_name[name].size
+    sizes = [sum(p.size for p in layer.parameters()) for layer in model.layers]
+    assert model.ready_offsets() == [sum(sizes[i:]) for i in range(len(sizes))]
+
+
+@pytest.mark.parametrize("name,shape,hidden", [("mlp", (1, 8, 8), (16, 12)), ("cnn", (1, 8, 8), (20,))])
+def test_a_stage_starts_with_the_values_its_layers_have_in_the_whole_model(name: str, shape, hidden) -> None:
+    whole = build_model(name, shape, 10, hidden).init_params(seed=5, dtype=np.float64)
+    expected = {n: p.data.copy() for n, p in whole.named_parameters()}
+    cut = len(whole.layers) // 2
+    for start, stop in ((0, cut), (cut, len(whole.layers))):
+        stage = build_model(name, shape, 10, hidden).stage(start, stop).init_params(seed=5, dtype=np.float64)
+        names = [n for n, _ in stage.named_parameters()]
+        assert names and all(int(n.split(".")[0]) >= start for n in names)
+        for n, p in stage.named_parameters():
+            np.testing.assert_array_equal(p.data, expected[n])
+    with pytest.raises(ValueError, match="not a non-empty range"):
+        whole.stage(3, 3)
+
+
+def test_random_state_round_trip_replays_the_same_dropout_masks() -> None:
+    model = build_model("mlp", (64,), 10, (32, 16), dropout=0.5, dropout_seed=7).init_params()
+    x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    state = model.random_state()
+    assert len(state) == 2
+    first = model.forward(x).copy()
+    model.set_random_state(state)
+    assert np.array_equal(model.forward(x), first)
+    assert not np.array_equal(model.forward(x), first)  # the streams moved on
+    with pytest.raises(ValueError, match="2 random streams, the state holds 1"):
+        model.set_random_state(state[:1])
+
+
 @pytest.mark.parametrize("name,shape", [("mlp", (64,)), ("cnn", (1, 8, 8))])
 def test_backward_without_input_gradient_skips_it_and_keeps_parameter_gradients(name: str, shape) -> None:
     x = np.random.default_rng(0).standard_normal((5, *shape))

@@ -25,8 +25,9 @@ from mpitrain.comm.checks import (
     op_problem,
     root_problem,
 )
+from mpitrain.comm.groups import Groups
 from mpitrain.comm.objects import ObjectCollectives
-from mpitrain.comm.ops import BFLOAT16, HALF, NATIVE_OPS, Inspect, finisher, reducer, wire
+from mpitrain.comm.ops import BFLOAT16, HALF, NATIVE_OPS, Inspect, combiner, finisher, wire
 from mpitrain.comm.p2p import PointToPoint
 from mpitrain.comm.shm import Reduction, SharedBuffers
 from mpitrain.comm.tuning import Tuning
@@ -49,7 +50,7 @@ def _native_problem(algorithm: str, dtype: np.dtype) -> Problem | None:
     return None
 
 
-class Communicator(PointToPoint, ObjectCollectives):
+class Communicator(PointToPoint, ObjectCollectives, Groups):
     """Collectives and point-to-point messages over an mpi4py communicator (default ``COMM_WORLD``).
 
     Args:
@@ -101,33 +102,6 @@ class Communicator(PointToPoint, ObjectCollectives):
         self._owns_watchdog = timeout is not None
         self.watchdog = Watchdog(self.rank, timeout, *progress) if timeout is not None else watchdog
 
-    def split(self, color: int, key: int | None = None) -> Communicator:
-        """The Communicator of the ranks that pass the same ``color``, ordered by ``key`` (default: rank)
-        (collective). It shares this one's checked mode, tuning and watchdog; close it before this one."""
-        self._guard()
-        with self.watch("split"):
-            raw = self.comm.Split(color, self.rank if key is None else key)
-        try:
-            return Communicator(raw, checked=self.checked, tuning=self.tuning, watchdog=self.watchdog)
-        finally:
-            raw.Free()
-
-    def grid(self, rows: int, columns: int) -> tuple[Communicator, Communicator]:
-        """Cut the ranks into a rows x columns grid, rank r at (r // columns, r % columns) (collective).
-
-        Returns (row, column): the Communicator of this rank's row (``columns``
-        ranks) and of its column (``rows`` ranks), as a pipeline x data grid
-        needs. Raises ValueError unless rows * columns == size.
-        """
-        if rows < 1 or columns < 1 or rows * columns != self.size:
-            raise ValueError(f"a {rows} x {columns} grid does not cover {self.size} ranks")
-        return self.split(self.rank // columns), self.split(self.rank % columns)
-
-    @property
-    def segment(self) -> int:
-        """Ring segment size in bytes."""
-        return self.tuning.segment_bytes
-
     def chunk_bounds(self, count: int) -> list[tuple[int, int]]:
         """(start, stop) of each rank's chunk of a ``count``-element buffer in reduce_scatter / allgather."""
         return ring.chunk_bounds(count, self.size)
@@ -178,27 +152,21 @@ class Communicator(PointToPoint, ObjectCollectives):
     def allreduce(self, buf: np.ndarray, op: str = "sum", algorithm: str = "auto", inspect: Inspect = None) -> Any:
         """Reduce ``buf`` over all ranks, in place, and return it.
 
-        Contract: same length, dtype, op and algorithm on every rank; for
-        "shm", buffers from ``allocate`` at the same offset on every rank.
-        op: "sum", "mean" (floating dtypes), "max", "min"; integers wrap
-        on overflow, as in MPI. algorithm: "ring" (bandwidth-optimal,
-        pipelined), "doubling" (recursive doubling, few rounds for small
-        buffers), "shm" (node shared memory, hierarchical across nodes),
-        "native" (MPI's in-place Allreduce), or "auto": shm for shared
-        buffers from ``tuning.allreduce_shm_bytes``, ring for others from
-        ``tuning.allreduce_small_bytes``, native below (16-bit floats never
-        go to native). Every algorithm but native gives bit-identical
-        results on every rank. ``inspect`` (for example a finiteness check)
-        is called with final values before other ranks copy them: for "ring"
-        and "shm" with the parts this rank reduced (the ranks' calls together
-        see every element, once per node for "shm", so combine their
-        verdicts), otherwise with the whole buffer.
+        Contract: same length, dtype, op and algorithm on every rank ("shm":
+        buffers from ``allocate`` at the same offset). op: "sum", "mean"
+        (floating dtypes), "max", "min"; integers wrap as in MPI. algorithm:
+        "ring" (bandwidth-optimal, pipelined), "doubling" (few rounds, for
+        small buffers), "shm" (node shared memory, hierarchical across
+        nodes), "native" (MPI's in-place Allreduce), or "auto" (by
+        ``Tuning.allreduce_algorithm``). All but native leave bit-identical
+        results on every rank. ``inspect`` (e.g. a finiteness check) sees final
+        values before other ranks copy them: for "ring" and "shm" the parts
+        this rank reduced (all ranks' calls together see every element, once
+        per node for "shm"), otherwise the whole buffer.
 
-        Raises:
-            TypeError: not a numpy array, or an unsupported dtype.
-            ValueError: non-contiguous or read-only buffer, unknown op or
-                algorithm, or ranks that disagree (checked mode: on every rank).
-            RuntimeError: the Communicator is closed.
+        Raises (checked mode: on every rank): TypeError (not a numpy array, an
+        unsupported dtype); ValueError (non-contiguous or read-only, unknown op
+        or algorithm, ranks that disagree); RuntimeError (closed).
         """
         flat, shared = self._prepare("allreduce", buf, algorithm, ALLREDUCE_ALGORITHMS, op=op)
         finish = finisher(op, buf.dtype, self.size, inspect)
@@ -217,7 +185,7 @@ class Communicator(PointToPoint, ObjectCollectives):
             if finish is not None:
                 finish(flat)
         elif algorithm == "doubling":
-            doubling.allreduce(self.comm, flat, reducer(op, dtype), self._scratch_for(flat.dtype, flat.size))
+            doubling.allreduce(self.comm, flat, combiner(op, dtype), self._scratch_for(flat.dtype, flat.size))
             if finish is not None:
                 finish(flat)
         elif algorithm == "shm":
@@ -225,7 +193,7 @@ class Communicator(PointToPoint, ObjectCollectives):
             self.shared.allreduce(window, offset, flat.size, self._reduction(op, dtype, flat, finish))
         else:
             segment, scratch = self._segment_elems(flat), self._scratch_for(flat.dtype)
-            ring.allreduce(self.comm, flat, reducer(op, dtype), segment, scratch, finish)
+            ring.allreduce(self.comm, flat, combiner(op, dtype), segment, scratch, finish)
 
     def reduce_scatter(
         self, buf: np.ndarray, op: str = "sum", algorithm: str = "auto", inspect: Inspect = None
@@ -252,7 +220,7 @@ class Communicator(PointToPoint, ObjectCollectives):
 
     def _reduction(self, op: str, dtype: np.dtype, flat: np.ndarray, finish: Inspect) -> Reduction:
         """How the shared-memory algorithms reduce and finish ``flat`` (its segment and scratch included)."""
-        return Reduction(reducer(op, dtype), finish, self._segment_elems(flat), self._scratch_for(flat.dtype))
+        return Reduction(combiner(op, dtype), finish, self._segment_elems(flat), self._scratch_for(flat.dtype))
 
     def _owned(self, count: int, algorithm: str) -> tuple[int, int]:
         if algorithm == "shm" and self.shared is not None:
@@ -274,7 +242,7 @@ class Communicator(PointToPoint, ObjectCollectives):
             flat[start:stop] = result
         else:
             scratch = self._scratch_for(flat.dtype)
-            ring.reduce_scatter(self.comm, flat, reducer(op, dtype), self._segment_elems(flat), scratch)
+            ring.reduce_scatter(self.comm, flat, combiner(op, dtype), self._segment_elems(flat), scratch)
         if finish is not None:
             finish(flat[start:stop])
 
@@ -303,17 +271,12 @@ class Communicator(PointToPoint, ObjectCollectives):
     def broadcast(self, buf: np.ndarray, root: int = 0, algorithm: str = "auto") -> np.ndarray:
         """Copy ``buf`` from ``root`` to every rank, in place, and return it.
 
-        Contract: same length, dtype, root and algorithm on every rank; for
-        "shm", buffers from ``allocate`` at the same offset on every rank.
-        algorithm: "tree" (binomial tree), "scatter" (scatter + ring
-        all-gather, for large buffers), "shm" (readers copy from the root's
-        node-shared buffer; tree between nodes), "native" (MPI's Bcast), or
-        "auto": shm for shared buffers from ``tuning.broadcast_shm_bytes``,
-        else scatter from ``tuning.broadcast_large_bytes`` on 3 or more ranks,
-        else tree.
-
-        Raises:
-            TypeError / ValueError: as for ``allreduce``; also a root outside [0, size).
+        Contract: same length, dtype, root and algorithm on every rank ("shm":
+        as ``allreduce``). algorithm: "tree" (binomial), "scatter" (scatter +
+        ring all-gather, for large buffers), "shm" (readers copy from the
+        root's shared buffer; tree between nodes), "native" (MPI's Bcast), or
+        "auto" (by ``Tuning.broadcast_algorithm``). Raises as ``allreduce``,
+        and ValueError for a root outside [0, size).
         """
         flat, shared = self._prepare("broadcast", buf, algorithm, BROADCAST_ALGORITHMS, root=root)
         if self.size > 1 and flat.size:
@@ -404,11 +367,11 @@ class Communicator(PointToPoint, ObjectCollectives):
         return self.watch(lambda: f"{name} #{sequence} ({size} x {dtype})", sequence)  # formatted only if late
 
     def _segment_elems(self, flat: np.ndarray) -> int:
-        return max(1, self.segment // flat.dtype.itemsize)
+        return max(1, self.tuning.segment_bytes // flat.dtype.itemsize)
 
     def _scratch_for(self, dtype: np.dtype, count: int = 0) -> np.ndarray:
         """Per-dtype scratch of one segment (or ``count`` elements if more), allocated once and reused."""
-        need = max(2, self.segment // dtype.itemsize, count)
+        need = max(2, self.tuning.segment_bytes // dtype.itemsize, count)
         scratch = self._scratch.get(dtype)
         if scratch is None or scratch.size < need:
             scratch = self._scratch[dtype] = np.empty(need, dtype=dtype)

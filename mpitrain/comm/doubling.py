@@ -19,12 +19,12 @@ from typing import Any
 
 from mpi4py import MPI
 
-from mpitrain.comm.ring import Reducer
+from mpitrain.comm.ring import Combine
 
 TAG = 0x44
 
 
-def allreduce(comm: MPI.Comm, buf: Any, reduce: Reducer, scratch: Any) -> None:
+def allreduce(comm: MPI.Comm, buf: Any, reduce: Combine, scratch: Any) -> None:
     """Recursive-doubling all-reduce of ``buf`` in place; ``scratch`` holds at least len(buf) elements.
 
     Contract: same length and dtype on every rank.

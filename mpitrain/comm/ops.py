@@ -39,7 +39,7 @@ def wire(flat: np.ndarray) -> np.ndarray:
     return flat.view(np.uint16) if flat.dtype == BFLOAT16 else flat
 
 
-def reducer(op: str, dtype: np.dtype) -> Callable[..., Any]:
+def combiner(op: str, dtype: np.dtype) -> Callable[..., Any]:
     """The in-place reduction ``f(a, b, out=...)`` for an op on wire arrays of logical ``dtype``."""
     ufunc = UFUNCS[op]
     if dtype == np.float16:

@@ -40,7 +40,7 @@ from mpi4py import MPI
 TAG = 0x52  # messages of this module on the communicator's private duplicate
 WINDOW = 4  # segment messages in flight per direction
 
-Reducer = Callable[..., Any]
+Combine = Callable[..., Any]  # f(a, b, out=...): the element-wise reduction of two buffers
 
 
 def chunk_bounds(n: int, p: int) -> list[tuple[int, int]]:
@@ -85,7 +85,7 @@ def _piece(segment: int) -> int:
     return max(1, segment // 2)
 
 
-def _recv_reduce(comm: MPI.Comm, view: Any, source: int, piece: int, scratch: Any, reduce: Reducer, sends: _Sends):
+def _recv_reduce(comm: MPI.Comm, view: Any, source: int, piece: int, scratch: Any, reduce: Combine, sends: _Sends):
     """Receive ``view`` in pieces and reduce each into ``view``, the next piece arriving meanwhile."""
     slots = (scratch[:piece], scratch[piece : 2 * piece])
     pieces = _segments(len(view), piece)
@@ -103,7 +103,7 @@ def _recv_reduce(comm: MPI.Comm, view: Any, source: int, piece: int, scratch: An
         k += 1
 
 
-def reduce_scatter(comm: MPI.Comm, buf: Any, reduce: Reducer, segment: int, scratch: Any) -> tuple[int, int]:
+def reduce_scatter(comm: MPI.Comm, buf: Any, reduce: Combine, segment: int, scratch: Any) -> tuple[int, int]:
     """Ring reduce-scatter in place; returns the (start, stop) of chunk ``rank``, which this rank now owns.
 
     Contract: same length and dtype on every rank; ``scratch`` holds at least
@@ -152,7 +152,7 @@ def allgather(comm: MPI.Comm, buf: Any, segment: int) -> None:
 def allreduce(
     comm: MPI.Comm,
     buf: Any,
-    reduce: Reducer,
+    reduce: Combine,
     segment: int,
     scratch: Any,
     finish: Callable[[Any], None] | None = None,
