@@ -72,7 +72,8 @@ class LocalStep:
         model, clock, pieces = self.model, time.perf_counter, self.pieces(x)
         if self._streams is not None:
             self._streams = model.random_state()
-        model.train()
+        if not model.training:  # a walk over every module, so only after an evaluation
+            model.train()
         model.zero_grad(lazy=True)  # the first backward writes the gradients
         loss, correct, forward, backward = 0.0, 0, 0.0, 0.0
         bounds = [len(y) * i // pieces for i in range(pieces + 1)]
