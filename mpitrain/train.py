@@ -97,7 +97,7 @@ def evaluate(strategy: Strategy, data: Dataset, comm: Communicator) -> tuple[flo
     """
     shard, xp = strategy.shard, strategy.job.xp
     n = len(data.x_test)
-    shards = shard[1] if shard is not None else 1
+    shards = type(strategy).data_shards(strategy.options, comm.size)  # the same on every rank
     part = eval_shard(n, shard[0], shard[1]) if shard is not None else slice(0, 0)
     x_all, y_all = data.x_test[part], data.y_test[part]
     longest = -(-n // shards)
@@ -214,7 +214,7 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
         x_train = data.x_train.astype(dtype, copy=False)
         x_batch = np.empty((config.batch_size, *data.sample_shape), dtype)
         y_batch = np.empty(config.batch_size, data.y_train.dtype)
-    metrics_file = (open(config.metrics, "a" if config.resume else "w") if config.metrics else None) if leader else None  # noqa: SIM115
+    metrics_file = _open_metrics(config) if leader else None
     history: list[dict[str, Any]] = []
     if position.epoch >= config.epochs and leader:
         print(
@@ -241,8 +241,8 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
                 step_in_epoch -= 1  # this step is not taken
                 break
             position.global_step += 1
-            STATUS["step"] = position.global_step
-            with comm.watch(f"training step {position.global_step}"):
+            STATUS["step"] = step = position.global_step
+            with comm.watch(lambda: f"training step {step}"):  # noqa: B023 - formatted while the step runs
                 if idx is None:
                     sums = strategy.step(None, None)
                 else:
@@ -293,6 +293,13 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
         if leader:
             checkpoint.atomic_save_npz(config.save, arrays)
     return history
+
+
+def _open_metrics(config: TrainConfig) -> Any:
+    """The --metrics file (appended to on a resume), or None; rank 0 writes it."""
+    if not config.metrics:
+        return None
+    return open(config.metrics, "a" if config.resume else "w")  # closed at the end of _run
 
 
 def _header(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Dataset, steps: int) -> None:
