@@ -71,6 +71,11 @@ def run_mpitrain(
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout + 10, check=False)
 
 
+def shared_folder(tmp_path) -> str:
+    """Rank 0's tmp folder, the same path on every rank."""
+    return WORLD.bcast(str(tmp_path), root=0)
+
+
 def same_on_every_rank(x: np.ndarray) -> bool:
     """Whether ``x`` holds the same bytes on every rank of the world (collective)."""
     digests = WORLD.allgather(hashlib.sha256(x.tobytes()).hexdigest())

@@ -13,16 +13,12 @@ from mpi4py import MPI
 from mpitrain import checkpoint
 from mpitrain.comm import Communicator, raised_on_all_ranks
 from mpitrain.parallel import State
-from tests.conftest import WORLD
+from tests.conftest import shared_folder
 
 
 def state(step: int, rank: int) -> State:
     replicated = {"params": np.arange(10, dtype=np.float32) + step, "opt/momentum": np.full(10, step, np.float64)}
     return State(replicated, {"residual": np.full(4, rank + 100 * step, np.float32)}, {"epoch": step})
-
-
-def shared_folder(tmp_path) -> str:
-    return WORLD.bcast(str(tmp_path), root=0)
 
 
 @pytest.fixture

@@ -16,12 +16,7 @@ from mpitrain import checkpoint, faults
 from mpitrain.comm import Communicator, raised_on_all_ranks
 from mpitrain.comm.watchdog import EXIT_PEER_EXITED, EXIT_TIMEOUT, FINISHED, Peer, Watchdog, process_start
 from mpitrain.train import TrainConfig, train, train_config
-from tests.conftest import WORLD, run_mpitrain
-
-
-def shared_folder(tmp_path) -> str:
-    """Rank 0's tmp folder, the same path on every rank."""
-    return WORLD.bcast(str(tmp_path), root=0)
+from tests.conftest import WORLD, run_mpitrain, shared_folder
 
 
 def config(folder: str, **options) -> TrainConfig:
