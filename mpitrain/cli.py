@@ -95,27 +95,45 @@ def _train_parser(prog: str) -> _Parser:
     p.add_argument("--metrics", default=None, metavar="FILE.jsonl", help="one JSON line per epoch")
     p.add_argument("--save", default=None, metavar="FILE.npz", help="write the final parameters")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    # Strategies that share their flags (one add_arguments) share a group: argparse takes each flag once.
+    families: dict[Any, list[str]] = {}
     for name, cls in STRATEGIES.items():
-        cls.add_arguments(p.add_argument_group(f"--strategy {name}", (cls.__doc__ or "").split("\n")[0]))
+        families.setdefault(cls.add_arguments.__func__, []).append(name)
+    for add_arguments, names in families.items():
+        doc = (STRATEGIES[names[0]].__doc__ or "").split("\n")[0]
+        add_arguments(STRATEGIES[names[0]], p.add_argument_group("--strategy " + " / ".join(names), doc))
     return p
 
 
 def _strategy_flags(parser: _Parser) -> dict[str, set[str]]:
-    """Each strategy's option strings, from its argument group."""
-    groups = {g.title: g for g in parser._action_groups}
-    actions = {name: groups[f"--strategy {name}"]._group_actions for name in STRATEGIES}
-    return {name: {option for action in group for option in action.option_strings} for name, group in actions.items()}
+    """The option strings each strategy takes: a flag of a group belongs to the group's strategies whose
+    Options have its dest (to all of them when none has: a flag is never nobody's)."""
+    flags: dict[str, set[str]] = {name: set() for name in STRATEGIES}
+    for group in parser._action_groups:
+        title = group.title or ""
+        if not title.startswith("--strategy "):
+            continue
+        names = title.removeprefix("--strategy ").split(" / ")
+        for action in group._group_actions:
+            owners = [n for n in names if action.dest in {f.name for f in dataclasses.fields(STRATEGIES[n].Options)}]
+            for name in owners or names:
+                flags[name].update(action.option_strings)
+    return flags
 
 
 def _check_strategy_flags(parser: _Parser, argv: Sequence[str], args: argparse.Namespace) -> None:
-    """A flag of another strategy than the chosen one is a usage error, as are options that conflict."""
+    """A flag that the chosen strategy does not take is a usage error, as are options that conflict."""
     given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
-    for name, flags in _strategy_flags(parser).items():
-        stray = sorted(given & flags) if name != args.strategy else []
-        if stray:
-            parser.error(f"{', '.join(stray)} belong(s) to --strategy {name}; this run uses --strategy {args.strategy}")
+    flags = _strategy_flags(parser)
+    stray = sorted((given & set().union(*flags.values())) - flags[args.strategy])
+    if stray:
+        owners = sorted({name for name, own in flags.items() if own & set(stray)})
+        parser.error(
+            f"{', '.join(stray)} belong(s) to --strategy {' / '.join(owners)}; this run uses --strategy {args.strategy}"
+        )
     try:
-        strategy_class(args.strategy).validate(options_for(args.strategy, vars(args)), args.batch_size)
+        options = options_for(args.strategy, vars(args))
+        strategy_class(args.strategy).validate(options, args.batch_size, MPI.COMM_WORLD.Get_size())
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -192,7 +210,7 @@ COMMANDS = {
     "info": (_info_parser, _run_info),
     "bench": (_bench_parser, _run_bench),
 }
-BENCHMARKS = ("collectives", "training")
+BENCHMARKS = ("collectives", "training", "strategies")
 
 
 def parse(argv: Sequence[str], prog: str = "python -m mpitrain") -> argparse.Namespace:

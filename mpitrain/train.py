@@ -8,7 +8,6 @@ and calls the strategy's ``start``, ``step``, ``sync``, ``check``,
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import sys
@@ -178,7 +177,7 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
     """
     cls = strategy_class(config.strategy)
     with comm.agreement():
-        cls.validate(config.options, config.batch_size)
+        cls.validate(config.options, config.batch_size, comm.size)
         check_outputs(config, leader=comm.rank == 0)
         data = load_dataset(config.dataset, seed=config.seed, synthetic_samples=config.synthetic_samples)
         shards = cls.data_shards(config.options, comm.size)
@@ -224,6 +223,7 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
         )
     for epoch in range(position.epoch, config.epochs):
         start = time.perf_counter()
+        traffic = [0, 0]  # bytes this rank sent inside its steps, its steps (this epoch)
         first = position.step_in_epoch if epoch == position.epoch else 0
         totals = position.totals if epoch == position.epoch else np.zeros(3)  # loss sum, correct, count
         bar = tqdm(
@@ -234,33 +234,39 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
             leave=False,
             file=sys.stderr,
         )
-        steps = batches.batches(epoch, first) if batches else itertools.repeat(None, steps_per_epoch - first)
-        step_in_epoch = first - 1
-        for step_in_epoch, idx in enumerate(steps, start=first):
-            if config.max_steps is not None and position.global_step >= config.max_steps:
-                step_in_epoch -= 1  # this step is not taken
-                break
-            position.global_step += 1
-            STATUS["step"] = step = position.global_step
-            with comm.watch(lambda: f"training step {step}"):  # noqa: B023 - formatted while the step runs
-                if idx is None:
-                    sums = strategy.step(None, None)
-                else:
-                    np.take(x_train, idx, axis=0, out=x_batch)
-                    np.take(data.y_train, idx, out=y_batch)
-                    faults.before_step(comm.rank, position.global_step, x_batch)
-                    sums = strategy.step(backend.to_device(x_batch, xp), backend.to_device(y_batch, xp))
-            totals += sums
-            bar.update()
-            if (
-                config.checkpoint_dir
-                and config.checkpoint_every
-                and position.global_step % config.checkpoint_every == 0
-            ):
-                here = Position(epoch, step_in_epoch + 1, position.global_step, totals)
-                _save(config, comm, strategy, here, run_id)
+        end = steps_per_epoch
+        if config.max_steps is not None:
+            end = min(end, first + max(0, config.max_steps - position.global_step))
+        step_in_epoch = first
+        while step_in_epoch < end:  # segments of rounds that end at a checkpoint or the epoch's end
+            count = _rounds_to_take(config, position.global_step, end - step_in_epoch)
+            for taken, idx in enumerate(strategy.batches(batches, epoch, step_in_epoch, count), start=1):
+                STATUS["step"] = step = position.global_step + taken  # this rank's own count when asynchronous
+                with comm.watch(lambda: f"training step {step}"):  # noqa: B023 - formatted while the step runs
+                    x = y = None
+                    if idx is not None:
+                        np.take(x_train, idx, axis=0, out=x_batch)
+                        np.take(data.y_train, idx, out=y_batch)
+                        faults.before_step(comm.rank, step, x_batch)
+                        x, y = backend.to_device(x_batch, xp), backend.to_device(y_batch, xp)
+                    else:
+                        faults.before_step(comm.rank, step, None)
+                    began, sent = time.perf_counter(), comm.sent_bytes
+                    sums = strategy.step(x, y)
+                    traffic[0] += comm.sent_bytes - sent
+                faults.after_step(comm.rank, time.perf_counter() - began, idx is not None)
+                totals += sums
+                traffic[1] += 1
+                bar.update()
+            position.global_step += count
+            step_in_epoch += count
+            bar.n = step_in_epoch
+            bar.refresh()
+            every = config.checkpoint_every if config.checkpoint_dir else 0
+            if every and position.global_step % every == 0 and step_in_epoch < steps_per_epoch:
+                _save(config, comm, strategy, Position(epoch, step_in_epoch, position.global_step, totals), run_id)
         bar.close()
-        if step_in_epoch + 1 < steps_per_epoch:
+        if step_in_epoch < steps_per_epoch:
             break  # stopped by max_steps inside the epoch: no evaluation of a partial epoch
         train_time = time.perf_counter() - start
         comm.allreduce(totals, op="sum")
@@ -275,6 +281,7 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
             "test_loss": test_loss,
             "test_acc": test_acc,
             "samples_per_s": totals[2] / times[0],
+            "sent_per_step": traffic[0] / max(1, traffic[1]),  # this rank's (rank 0's in the report)
             "time_s": times[1],
             **strategy.stats,
         }
@@ -293,6 +300,12 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
         if leader:
             checkpoint.atomic_save_npz(config.save, arrays)
     return history
+
+
+def _rounds_to_take(config: TrainConfig, global_step: int, left: int) -> int:
+    """Rounds of the next segment: up to the next checkpoint step, at most the ``left`` of this epoch."""
+    every = config.checkpoint_every if config.checkpoint_dir else 0
+    return min(left, every - global_step % every) if every else left
 
 
 def _open_metrics(config: TrainConfig) -> Any:

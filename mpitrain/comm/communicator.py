@@ -68,6 +68,11 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
 
     Node-shared windows are created on first ``allocate``. ``close`` (or the
     end of a ``with`` block) frees everything; a closed one raises RuntimeError.
+
+    ``sent_bytes`` counts what this rank has sent: messages exactly, and for
+    each collective what a bandwidth-optimal algorithm sends from every rank
+    (all-reduce 2(p-1)/p of the buffer, the others (p-1)/p), whichever
+    algorithm ran, so strategies compare by the traffic they ask for.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
         self.checked = checked
         self.tuning = Tuning.from_env() if tuning is None else tuning
         self.sequence = 0
+        self.sent_bytes = 0  # see _prepare and PointToPoint
         self.closed = False
         self._scratch: dict[np.dtype, np.ndarray] = {}
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank) if node_size is None else None
@@ -147,6 +153,8 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
             problem = problem or root_problem(params["root"], self.size)
         problem = problem or _shm_problem(algorithm, shared, buf)
         self._check(name, buf, problem, algorithm=algorithm, shared=shared and shared[1], **params)
+        if self.size > 1:  # what a bandwidth-optimal algorithm sends from each rank
+            self.sent_bytes += flat.nbytes * (2 if name == "allreduce" else 1) * (self.size - 1) // self.size
         return flat, shared
 
     def allreduce(self, buf: np.ndarray, op: str = "sum", algorithm: str = "auto", inspect: Inspect = None) -> Any:

@@ -85,6 +85,7 @@ class PointToPoint:
 
     _p2p: MPI.Comm
     size: int
+    sent_bytes: int
     checked: bool
     watch: Watch
 
@@ -122,25 +123,31 @@ class PointToPoint:
         Raises ValueError / TypeError for a bad buffer, rank or tag (on this rank).
         """
         flat = self._message_buffer(buf, dest, tag, receiving=False)
+        self.sent_bytes += flat.nbytes
         with self.watch(self._describe("send to", dest, tag, flat)):
             self._p2p.Send(flat, dest=dest, tag=tag)
 
-    def recv(self, buf: np.ndarray, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Message:
+    def recv(
+        self, buf: np.ndarray, source: int = ANY_SOURCE, tag: int = ANY_TAG, note: Callable[[], str] | None = None
+    ) -> Message:
         """Receive into ``buf`` from ``source`` (default: any rank) with ``tag`` (default: any); watched.
 
         Returns the Message (sender, tag, count). In checked mode a message
         shorter than ``buf`` is a ValueError naming the sender; a longer one
-        is MPI's truncation error.
+        is MPI's truncation error. ``note`` adds to the watchdog's report
+        should the wait overrun (e.g. which senders a server still awaits).
         """
         flat = self._message_buffer(buf, source, tag, receiving=True)
         status = MPI.Status()
-        with self.watch(self._describe("recv from", source, tag, flat)):
+        what = self._describe("recv from", source, tag, flat)
+        with self.watch(what if note is None else lambda: f"{what}; {note()}"):
             self._p2p.Recv(flat, source=source, tag=tag, status=status)
         return self._received(flat, status)
 
     def isend(self, buf: np.ndarray, dest: int, tag: int = 0) -> Request:
         """Start sending ``buf`` to ``dest``; leave ``buf`` unchanged until the Request's ``wait``."""
         flat = self._message_buffer(buf, dest, tag, receiving=False)
+        self.sent_bytes += flat.nbytes
         sent = Message(dest, tag, flat.size)
         request = self._p2p.Isend(flat, dest=dest, tag=tag)
         return Request(request, self._describe("isend to", dest, tag, flat), self.watch, lambda _: sent)
@@ -165,6 +172,7 @@ class PointToPoint:
         every rank of a ring calls it); watched. Returns the received Message."""
         out = self._message_buffer(sendbuf, dest, sendtag, receiving=False)
         into = self._message_buffer(recvbuf, source, recvtag, receiving=True)
+        self.sent_bytes += out.nbytes
         status = MPI.Status()
         what = self._describe("sendrecv to", dest, sendtag, out) + " / " + self._describe("from", source, recvtag, into)
         with self.watch(what):

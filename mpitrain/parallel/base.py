@@ -8,6 +8,9 @@ gossip, a pipeline) is a sibling module, not a fork of the loop:
   parameter server's servers or a pipeline's later stages);
 - ``data_shards(options, world)`` (before construction) and ``num_parameters()``;
 - ``start()``: make the ranks consistent before the first step;
+- ``batches(sampler, epoch, first, count)``: which samples each of this
+  rank's steps reads (one batch of its shard per round, unless the strategy
+  hands out work asynchronously);
 - ``step(x, y)``: one training step, returning the sums the loop reports;
 - ``evaluate(x, y)``: the same sums on held-out data, without training;
 - ``sync()``: a collective point where the state is consistent enough to
@@ -25,9 +28,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar, NamedTuple
@@ -35,6 +39,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from mpitrain.comm import Communicator
+from mpitrain.data import ShardedBatches
 from mpitrain.nn import Module
 from mpitrain.optim import Optimizer
 
@@ -83,6 +88,12 @@ class Strategy(ABC):
 
     def __init__(self, job: Job, comm: Communicator, options: Any) -> None:
         self.job, self.comm, self.options = job, comm, options
+        self._sent_before = comm.sent_bytes
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes this rank has sent since the strategy was made (``Communicator.sent_bytes``)."""
+        return self.comm.sent_bytes - self._sent_before
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
@@ -90,8 +101,9 @@ class Strategy(ABC):
         return None
 
     @classmethod
-    def validate(cls, options: Any, batch_size: int) -> None:
-        """Raise ValueError naming the flags when ``options`` do not go together (before any setup)."""
+    def validate(cls, options: Any, batch_size: int, world_size: int) -> None:
+        """Raise ValueError naming the flags when ``options`` do not go together, or not with this batch
+        size and world (before any setup)."""
         return None
 
     @classmethod
@@ -111,6 +123,21 @@ class Strategy(ABC):
     @abstractmethod
     def start(self) -> None:
         """Make every rank's state consistent before the first step (collective)."""
+
+    def batches(
+        self, sampler: ShardedBatches | None, epoch: int, first: int, count: int
+    ) -> Iterator[np.ndarray | None]:
+        """This rank's sample indices for each of its steps in rounds [first, first + count) of ``epoch``.
+
+        A round is one batch of every data shard. The default is one step per
+        round: the next ``count`` batches of this rank's shard (None, a step
+        without data, where ``sampler`` is None). An asynchronous strategy may
+        give one rank more steps than another; every rank's iterator ends when
+        the rounds are done, and the loop then meets the others (collective).
+        """
+        if sampler is None:
+            return itertools.repeat(None, count)
+        return itertools.islice(sampler.batches(epoch, first), count)
 
     @abstractmethod
     def step(self, x: Any, y: Any) -> Sums:

@@ -223,7 +223,7 @@ class AllReduce(Strategy):
         )
 
     @classmethod
-    def validate(cls, options: AllReduceOptions, batch_size: int) -> None:
+    def validate(cls, options: AllReduceOptions, batch_size: int, world_size: int) -> None:
         if options.shard_optimizer and options.compression != "none":
             raise ValueError(
                 f"--shard-optimizer works with uncompressed gradients, not --compression {options.compression}"
@@ -313,7 +313,13 @@ class AllReduce(Strategy):
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"lr": self.optimizer.lr, "skipped_steps": self.engine.skipped_steps}
+        return {
+            "lr": self.optimizer.lr,
+            "skipped_steps": self.engine.skipped_steps,
+            "steps": self._steps,
+            "wait_s": self.engine.timings["allreduce_wait"],
+            "sent_bytes": self.sent_bytes,
+        }
 
     def close(self) -> None:
         """End the reducer and free the shared memory; the model stays readable (its buffers are
