@@ -4,7 +4,8 @@
 #   make train     default training job (MLP on digits) on NP ranks
 #   make test      ruff, then pytest under mpiexec at 1, 2, 3 and 4 ranks
 #   make bench     collective benchmark (nccl-tests style) on NP ranks, then the training
-#                  benchmark at 1, 2 and 4 ranks (against PyTorch DDP when torch is installed)
+#                  benchmark at 1, 2 and 4 ranks (against PyTorch DDP when torch is installed),
+#                  then every strategy at 4 ranks with and without stragglers
 #   make lint      ruff
 #
 # PYTHON=/path/to/python uses that interpreter instead of a .venv here.
@@ -63,6 +64,7 @@ bench: install
 	@mkdir -p build
 	$(MPIRUN) $(NP) $(PYTHON) -m mpitrain bench collectives --json build/collectives.json --plot build/collectives.png $(ARGS)
 	$(PYTHON) -m mpitrain bench training --json build/training.json --plot build/training.png
+	$(PYTHON) -m mpitrain bench strategies --json build/strategies.json --plot build/strategies.png
 
 clean:
 	rm -rf build $(VENV) *.egg-info

@@ -180,3 +180,20 @@ def test_injected_fault_ends_the_job_and_leaves_a_resumable_checkpoint(tmp_path,
     resumed = run_mpitrain(3, "--no-progress", "--epochs", "3", "--checkpoint-dir", str(tmp_path), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "epoch   3" in resumed.stdout
+
+
+@pytest.mark.parametrize("strategy", ["ps-sync", "ps-async"])
+@pytest.mark.parametrize("fault,rank", [("kill", 1), ("hang", 1), ("kill", 2), ("hang", 2)])  # rank 2: the server
+def test_a_dead_or_stalled_worker_or_server_ends_the_job_naming_it(strategy: str, fault: str, rank: int) -> None:
+    args = ["--no-progress", "--epochs", "3", "--strategy", strategy, "--timeout", "3"]
+    start = time.monotonic()
+    done = run_mpitrain(3, *args, timeout=120, extra_env={faults.VARIABLE: f"{fault}:{rank}:25"})
+    seconds = time.monotonic() - start
+    output = done.stdout + done.stderr
+    named = (
+        rf"rank {rank} \(pid \d+ on this node\) exited before the job finished|rank {rank} with PID"
+        if fault == "kill"
+        else rf"\[rank {rank}\] watchdog: training step|from rank {rank} \(|have not entered it: \[{rank}\]"
+    )
+    assert done.returncode != 0 and seconds < 60, (done.returncode, seconds)
+    assert re.search(named, output), output[-2000:]

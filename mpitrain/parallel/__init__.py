@@ -3,17 +3,29 @@
 from mpitrain.parallel.base import STRATEGIES, Job, State, Strategy, Sums, options_for, register
 from mpitrain.parallel.base import get as strategy_class
 from mpitrain.parallel.data_parallel import AllReduce, DataParallel
+from mpitrain.parallel.gossip import Gossip
+from mpitrain.parallel.local_sgd import LocalSGD
+from mpitrain.parallel.param_server import (
+    AsynchronousParameterServer,
+    StaleSynchronousParameterServer,
+    SyncParameterServer,
+)
 from mpitrain.parallel.reducer import GradientReducer
 
 __all__ = [
     "STRATEGIES",
     "AllReduce",
+    "AsynchronousParameterServer",
     "DataParallel",
+    "Gossip",
     "GradientReducer",
     "Job",
+    "LocalSGD",
+    "StaleSynchronousParameterServer",
     "State",
     "Strategy",
     "Sums",
+    "SyncParameterServer",
     "options_for",
     "register",
     "strategy_class",

@@ -1,0 +1,226 @@
+"""The server side of the parameter-server strategies: when a pushed gradient is applied, when a worker
+is answered.
+
+A server owns one contiguous range of the parameters (views of the full
+model's flat buffers) and updates only that range with the job's
+optimizer. Messages per push: a header (int64 ``[clock, version read]``)
+and the gradient range; per answer: a header (``[version, next ticket]``)
+and the parameter range. Workers post their receives before pushing, so
+the servers' blocking sends of an answer find them at once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from mpitrain.comm.p2p import ANY_SOURCE
+from mpitrain.optim import LRSchedule
+from mpitrain.parallel.reducer import finite
+
+PUSH, PUSH_DATA, PULL, PULL_DATA = 11, 12, 13, 14
+
+
+class PushSchedule:
+    """The learning rate of one asynchronous push: ``schedule``'s rate for the round it falls in, where
+    a round is ``workers`` pushes, divided by ``workers``. So W pushes move the parameters as far as one
+    synchronous step of the averaged gradient: the per-sample learning rate of ps-sync and allreduce
+    (as the linear scaling rule keeps it), and ``--lr`` means the same in every strategy."""
+
+    def __init__(self, schedule: LRSchedule, workers: int) -> None:
+        self.schedule, self.workers = schedule, workers
+
+    def __call__(self, step: int) -> float:
+        return self.schedule(step // self.workers) / self.workers
+
+
+class Server:
+    """Base: the owned range, the update and the answer; subclasses decide the order (``serve``)."""
+
+    def __init__(self, strategy: Any, index: int) -> None:
+        self.index, self.comm, self.workers = index, strategy.comm, strategy.workers
+        lo, hi = strategy.ranges[index]
+        self.owned = [(lo, hi)]
+        self.params, self.grads = strategy.model.flat_params[lo:hi], strategy.model.flat_grads[lo:hi]
+        self.optimizer = strategy.optimizer
+        self.version = 0  # updates applied to this range
+        self.head, self.answer = np.zeros(2, np.int64), np.zeros(2, np.int64)
+        self.last_push = [time.monotonic()] * self.workers
+
+    def serve(self, pushes: int) -> None:
+        """Serve ``pushes`` pushes (one loop step: one per worker on average)."""
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, Any]:
+        """What a checkpoint and the epoch report need from this server (JSON-able)."""
+        return {"version": self.version, "optimizer_steps": self.optimizer.steps}
+
+    def restore(self, counters: dict[str, Any]) -> None:
+        """Take up ``counters()``'s result after a resume."""
+        self.version = int(counters["version"])
+
+    def _update(self, culprits: Any) -> None:
+        """One optimizer step on the owned range from ``self.grads``; a non-finite gradient is an error
+        naming the workers ``culprits()`` returns."""
+        if not finite(self.grads):
+            raise FloatingPointError(
+                f"server rank {self.comm.rank}: update {self.version + 1}: non-finite gradients from worker(s) "
+                f"{culprits()}"
+            )
+        self.optimizer.step(self.owned)
+        self.version += 1
+
+    def _answer(self, worker: int, ticket: int = -1) -> None:
+        self.answer[:] = self.version, ticket
+        self.comm.send(self.answer, worker, PULL)
+        self.comm.send(self.params, worker, PULL_DATA)
+
+    def _pushed(self, worker: int) -> None:
+        self.last_push[worker] = time.monotonic()
+
+    def _note(self) -> str:
+        """Which workers a server waits for, for the watchdog's report."""
+        now = time.monotonic()
+        since = ", ".join(f"rank {w}: {now - t:.1f} s" for w, t in enumerate(self.last_push))
+        return f"server rank {self.comm.rank} awaits pushes; since each worker's last push: {since}"
+
+
+class RoundServer(Server):
+    """Rounds: the W gradients of a clock are summed in worker order, averaged, applied once.
+
+    ``depth`` rounds may be in flight at once (buffers are made on first use).
+    """
+
+    def __init__(self, strategy: Any, index: int, depth: int) -> None:
+        super().__init__(strategy, index)
+        self.depth = depth
+        self._slots: dict[int, np.ndarray] = {}
+
+    def slots(self, clock: int) -> np.ndarray:
+        """The (workers, range) gradient buffers of round ``clock``."""
+        key = clock % self.depth
+        if key not in self._slots:
+            self._slots[key] = np.empty((self.workers, self.grads.size), self.grads.dtype)
+        return self._slots[key]
+
+    def apply_round(self, slots: np.ndarray) -> None:
+        grads = self.grads
+        np.copyto(grads, slots[0])
+        for gradient in slots[1:]:
+            grads += gradient
+        grads /= self.workers
+        self._update(lambda: [w for w in range(self.workers) if not finite(slots[w])])
+
+
+class SyncServer(RoundServer):
+    """ps-sync: every step, receive one gradient from each worker, update, answer them all."""
+
+    def __init__(self, strategy: Any, index: int) -> None:
+        super().__init__(strategy, index, depth=1)
+        self.heads = np.zeros((self.workers, 2), np.int64)
+
+    def serve(self, pushes: int) -> None:
+        for _ in range(pushes // self.workers):
+            slots = self.slots(0)
+            pending = []
+            for w in range(self.workers):
+                pending += [self.comm.irecv(self.heads[w], w, PUSH), self.comm.irecv(slots[w], w, PUSH_DATA)]
+            for request in pending:  # in worker order: an overdue wait names the worker
+                request.wait()
+            self.apply_round(slots)
+            for w in range(self.workers):
+                self._answer(w)
+
+
+class SSPServer(RoundServer):
+    """ps-ssp: pushes in arrival order; round c is applied once every worker has pushed clock c; a
+    worker that pushed clock c is answered once round c - K is applied, so it never computes more than
+    K clocks ahead of the slowest. ``max_spread`` logs the largest lead granted."""
+
+    def __init__(self, strategy: Any, index: int) -> None:
+        self.staleness = strategy.options.staleness
+        super().__init__(strategy, index, depth=self.staleness + 1)
+        self.clocks = np.zeros(self.workers, np.int64)
+        self.waiting: list[tuple[int, int]] = []  # (worker, clock it pushed) not yet answered
+        self.max_spread = 0
+
+    def serve(self, pushes: int) -> None:
+        comm = self.comm
+        for _ in range(pushes):
+            worker = comm.recv(self.head, ANY_SOURCE, PUSH, note=self._note).source
+            clock = int(self.head[0])
+            if clock != self.clocks[worker] + 1:
+                raise RuntimeError(
+                    f"server rank {comm.rank}: worker {worker} pushed clock {clock}, expected {self.clocks[worker] + 1}"
+                )
+            comm.recv(self.slots(clock)[worker], worker, PUSH_DATA)
+            self._pushed(worker)
+            self.clocks[worker] = clock
+            while self.clocks.min() > self.version:
+                self.apply_round(self.slots(self.version + 1))
+            self.waiting.append((worker, clock))
+            self._flush()
+
+    def _flush(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for worker, clock in waiting:
+            if self.version >= clock - self.staleness:
+                self.max_spread = max(self.max_spread, clock - int(self.clocks.min()))
+                self._answer(worker)
+            else:
+                self.waiting.append((worker, clock))
+
+    def counters(self) -> dict[str, Any]:
+        return {**super().counters(), "max_spread": self.max_spread}
+
+    def restore(self, counters: dict[str, Any]) -> None:
+        super().restore(counters)
+        self.clocks[:] = self.version
+        self.max_spread = int(counters.get("max_spread", 0))
+
+
+class AsyncServer(Server):
+    """ps-async: each push is applied on arrival (scaled by 1/(1 + staleness) with --staleness-lr, where
+    staleness counts the updates since the worker's copy) and answered at once; server 0 also hands the
+    worker its next ticket."""
+
+    def __init__(self, strategy: Any, index: int) -> None:
+        super().__init__(strategy, index)
+        self.scale = strategy.options.staleness_lr
+        self.next_ticket = self.end_ticket = 0
+        self.staleness_total = self.max_staleness = 0
+
+    def tickets(self, first: int, end: int) -> None:
+        """Hand out tickets ``first .. end - 1`` (server 0 only; the others answer -1)."""
+        self.next_ticket, self.end_ticket = first, end
+
+    def serve(self, pushes: int) -> None:
+        comm = self.comm
+        for _ in range(pushes):
+            worker = comm.recv(self.head, ANY_SOURCE, PUSH, note=self._note).source
+            comm.recv(self.grads, worker, PUSH_DATA)
+            self._pushed(worker)
+            staleness = self.version - int(self.head[1])
+            if self.scale and staleness:
+                self.grads *= 1.0 / (1 + staleness)
+            self.staleness_total += staleness
+            self.max_staleness = max(self.max_staleness, staleness)
+            self._update(lambda: [worker])  # noqa: B023 - called at once
+            ticket = -1
+            if self.index == 0 and self.next_ticket < self.end_ticket:
+                ticket, self.next_ticket = self.next_ticket, self.next_ticket + 1
+            self._answer(worker, ticket)
+
+    def counters(self) -> dict[str, Any]:
+        mean = self.staleness_total / self.version if self.version else 0.0
+        return {**super().counters(), "mean_staleness": mean, "max_staleness": self.max_staleness}
+
+
+SERVERS = {"sync": SyncServer, "ssp": SSPServer, "async": AsyncServer}
+
+
+def server_for(strategy: Any, index: int) -> Server:
+    """The server of ``strategy.mode`` for range ``index``."""
+    return SERVERS[strategy.mode](strategy, index)
