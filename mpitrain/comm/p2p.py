@@ -12,7 +12,7 @@ the communicator of their own, so user tags never meet a collective's.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -69,6 +69,13 @@ class Request:
         self._done = self._finish(status)
         return True
 
+    def cancel(self) -> None:
+        """Cancel a receive that no message will match (e.g. a server's standing receive at the end)."""
+        if self._done is None:
+            self._request.Cancel()
+            self._request.Wait()
+            self._done = Message(-1, -1, 0)
+
     def wait(self) -> Message:
         """Block until the operation completes (watched); the Message."""
         if self._done is None:
@@ -77,6 +84,30 @@ class Request:
                 self._request.Wait(status)
             self._done = self._finish(status)
         return self._done
+
+
+def wait_any(requests: Sequence[Request], watch: Watch, note: Callable[[], str] | None = None) -> int:
+    """Block until one of ``requests`` completes (watched; ``note`` adds to an overdue report); its index.
+
+    A request that had already completed is returned first. Raises
+    ValueError when every request is done already (nothing to wait for).
+    """
+    for index, request in enumerate(requests):
+        if request._done is not None:
+            return index
+    if not requests:
+        raise ValueError("wait_any: no request to wait for")
+    status = MPI.Status()
+
+    def what() -> str:  # formatted only if overdue
+        text = "a message from any of: " + ", ".join(request._what for request in requests)
+        return text if note is None else f"{text}; {note()}"
+
+    with watch(what):
+        index = MPI.Request.Waitany([request._request for request in requests], status)
+    request = requests[index]
+    request._done = request._finish(status)
+    return index
 
 
 class PointToPoint:
@@ -158,6 +189,11 @@ class PointToPoint:
         request = self._p2p.Irecv(flat, source=source, tag=tag)
         what = self._describe("irecv from", source, tag, flat)
         return Request(request, what, self.watch, lambda status: self._received(flat, status))
+
+    def wait_any(self, requests: Sequence[Request], note: Callable[[], str] | None = None) -> int:
+        """Block until one of ``requests`` completes; its index (see ``wait_any``). A server that keeps a
+        receive posted for every client serves whichever comes first."""
+        return wait_any(requests, self.watch, note)
 
     def sendrecv(
         self,

@@ -216,6 +216,11 @@ class ParameterServer(Strategy):
             return None
         return {name: p.data.copy() for name, p in self.model.named_parameters()}
 
+    def close(self) -> None:
+        """Cancel a server's standing receives."""
+        if self.server is not None:
+            self.server.close()
+
     @property
     def stats(self) -> dict[str, Any]:
         return {"lr": self.optimizer.lr, "steps": self.steps, "wait_s": self.wait_s, "sent_bytes": self.sent_bytes}

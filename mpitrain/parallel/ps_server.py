@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from mpitrain.comm.p2p import ANY_SOURCE
 from mpitrain.optim import LRSchedule
 from mpitrain.parallel.reducer import finite
 
@@ -46,8 +45,12 @@ class Server:
         self.params, self.grads = strategy.model.flat_params[lo:hi], strategy.model.flat_grads[lo:hi]
         self.optimizer = strategy.optimizer
         self.version = 0  # updates applied to this range
-        self.head, self.answer = np.zeros(2, np.int64), np.zeros(2, np.int64)
+        self.answer = np.zeros(2, np.int64)
+        self.heads = np.zeros((self.workers, 2), np.int64)  # each worker's push header
         self.last_push = [time.monotonic()] * self.workers
+        # Standing receives of each worker's next push (header, gradient): a push lands where it belongs
+        # at once instead of queueing as an unexpected message, and whichever comes first is served.
+        self._posted: dict[int, tuple[Any, Any]] = {}
 
     def serve(self, pushes: int) -> None:
         """Serve ``pushes`` pushes (one loop step: one per worker on average)."""
@@ -79,6 +82,27 @@ class Server:
 
     def _pushed(self, worker: int) -> None:
         self.last_push[worker] = time.monotonic()
+
+    def post(self, worker: int, into: np.ndarray) -> None:
+        """Post the receive of ``worker``'s next push, its gradient into ``into``."""
+        comm = self.comm
+        self._posted[worker] = (comm.irecv(self.heads[worker], worker, PUSH), comm.irecv(into, worker, PUSH_DATA))
+
+    def next_push(self) -> int:
+        """Wait for the next push of a worker with a posted receive; that worker (its receive is done)."""
+        workers = list(self._posted)
+        index = self.comm.wait_any([self._posted[w][0] for w in workers], note=self._note)
+        worker = workers[index]
+        self._posted.pop(worker)[1].wait()
+        self._pushed(worker)
+        return worker
+
+    def close(self) -> None:
+        """Cancel the receives still posted (no worker pushes any more)."""
+        for requests in self._posted.values():
+            for request in requests:
+                request.cancel()
+        self._posted.clear()
 
     def _note(self) -> str:
         """Which workers a server waits for, for the watchdog's report."""
@@ -119,7 +143,6 @@ class SyncServer(RoundServer):
 
     def __init__(self, strategy: Any, index: int) -> None:
         super().__init__(strategy, index, depth=1)
-        self.heads = np.zeros((self.workers, 2), np.int64)
 
     def serve(self, pushes: int) -> None:
         for _ in range(pushes // self.workers):
@@ -145,18 +168,21 @@ class SSPServer(RoundServer):
         self.clocks = np.zeros(self.workers, np.int64)
         self.waiting: list[tuple[int, int]] = []  # (worker, clock it pushed) not yet answered
         self.max_spread = 0
+        self._started = False
 
     def serve(self, pushes: int) -> None:
-        comm = self.comm
+        if not self._started:  # here, not at construction: a resume sets the clocks first
+            self._started = True
+            for worker in range(self.workers):
+                self.post(worker, self.slots(int(self.clocks[worker]) + 1)[worker])
         for _ in range(pushes):
-            worker = comm.recv(self.head, ANY_SOURCE, PUSH, note=self._note).source
-            clock = int(self.head[0])
+            worker = self.next_push()
+            clock = int(self.heads[worker][0])
             if clock != self.clocks[worker] + 1:
                 raise RuntimeError(
-                    f"server rank {comm.rank}: worker {worker} pushed clock {clock}, expected {self.clocks[worker] + 1}"
+                    f"server rank {self.comm.rank}: worker {worker} pushed clock {clock}, "
+                    f"expected {self.clocks[worker] + 1}"
                 )
-            comm.recv(self.slots(clock)[worker], worker, PUSH_DATA)
-            self._pushed(worker)
             self.clocks[worker] = clock
             while self.clocks.min() > self.version:
                 self.apply_round(self.slots(self.version + 1))
@@ -169,6 +195,8 @@ class SSPServer(RoundServer):
             if self.version >= clock - self.staleness:
                 self.max_spread = max(self.max_spread, clock - int(self.clocks.min()))
                 self._answer(worker)
+                # The slot of its next clock held round clock - K, which is applied: free to receive into.
+                self.post(worker, self.slots(clock + 1)[worker])
             else:
                 self.waiting.append((worker, clock))
 
@@ -189,6 +217,7 @@ class AsyncServer(Server):
     def __init__(self, strategy: Any, index: int) -> None:
         super().__init__(strategy, index)
         self.scale = strategy.options.staleness_lr
+        self.inbox = np.empty((self.workers, self.grads.size), self.grads.dtype)  # each worker's next push
         self.next_ticket = self.end_ticket = 0
         self.staleness_total = self.max_staleness = 0
 
@@ -197,12 +226,14 @@ class AsyncServer(Server):
         self.next_ticket, self.end_ticket = first, end
 
     def serve(self, pushes: int) -> None:
-        comm = self.comm
+        if not self._posted:
+            for worker in range(self.workers):
+                self.post(worker, self.inbox[worker])
         for _ in range(pushes):
-            worker = comm.recv(self.head, ANY_SOURCE, PUSH, note=self._note).source
-            comm.recv(self.grads, worker, PUSH_DATA)
-            self._pushed(worker)
-            staleness = self.version - int(self.head[1])
+            worker = self.next_push()
+            np.copyto(self.grads, self.inbox[worker])
+            self.post(worker, self.inbox[worker])  # its next push may come while this one is applied
+            staleness = self.version - int(self.heads[worker][1])
             if self.scale and staleness:
                 self.grads *= 1.0 / (1 + staleness)
             self.staleness_total += staleness
