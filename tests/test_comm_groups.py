@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -49,6 +50,28 @@ def test_receive_from_any_source_reports_the_sender(comm: Communicator) -> None:
         ok &= senders == set(range(1, comm.size))
     else:
         comm.send(np.full(3, float(comm.rank)), 0, tag=7)
+    assert WORLD.allreduce(ok, op=MPI.LAND)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_wait_any_serves_standing_receives_in_completion_order_and_cancel_ends_the_rest(comm: Communicator) -> None:
+    ok = True
+    if comm.rank == 0:
+        boxes = {r: np.empty(2, np.int64) for r in range(1, comm.size)}
+        pending = {r: comm.irecv(boxes[r], r, tag=5) for r in boxes}
+        spare = comm.irecv(np.empty(2, np.int64), 1, tag=6)  # nobody sends this one
+        served = []
+        while pending:
+            ranks = list(pending)
+            index = comm.wait_any([pending[r] for r in ranks])
+            served.append(ranks[index])
+            ok &= pending.pop(ranks[index]).wait().source == ranks[index]
+        ok &= sorted(served) == list(boxes) and all(int(boxes[r][0]) == r for r in boxes)
+        spare.cancel()
+        ok &= spare.test()
+    else:
+        time.sleep(0.01 * (comm.size - comm.rank))  # the last rank first
+        comm.send(np.array([comm.rank, 0], np.int64), 0, tag=5)
     assert WORLD.allreduce(ok, op=MPI.LAND)
 
 
