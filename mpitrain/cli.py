@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import runpy
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -243,6 +244,7 @@ def _environment() -> Tuning:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (the same on every rank for known errors)."""
     rank = MPI.COMM_WORLD.Get_rank()
+    _keep_running_when_a_peer_fails()
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
         checked, timeout = getattr(args, "check_collectives", True), getattr(args, "timeout", None)
@@ -264,6 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[rank {rank}] unexpected error:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         abort_job(EXIT_ERROR)
     return 0
+
+
+def _keep_running_when_a_peer_fails() -> None:
+    """Ignore SIGUSR1 unless something handles it: with ``-disable-auto-cleanup`` MPICH's launcher
+    sends it to every survivor when a rank dies, and its default action ends them at once, silently,
+    racing the watchdog that would name the dead rank (the job still ends: the watchdog aborts it)."""
+    if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _interrupted(rank: int) -> None:

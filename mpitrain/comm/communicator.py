@@ -354,25 +354,33 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
         fingerprint = {"seq": self.sequence, "collective": name, **params}
         if problem is None:
             fingerprint.update(length=buf.size, dtype=str(buf.dtype))
-        with self.watch(f"checking {name} #{self.sequence}", self.sequence):
+        with self._wait(f"checking {name} #{self.sequence}", self.sequence):
             agree_on_call(self.comm, name, fingerprint, problem)
 
-    def watch(self, what: Any, sequence: int | None = None) -> contextlib.AbstractContextManager[None]:
+    def watch(
+        self, what: Any, sequence: int | None = None, waiting: bool = False
+    ) -> contextlib.AbstractContextManager[None]:
         """A context that the watchdog (if any) aborts the job from when it overruns (``what``: a text,
         or a callable giving it).
 
         ``sequence`` marks a collective of this Communicator for the node's
-        progress report; only the watchdog's owner records it.
+        progress report; only the watchdog's owner records it. ``waiting``:
+        the block waits on other ranks (see ``Watchdog.watch``); every wait
+        of the Communicator's own is marked so.
         """
         if self.watchdog is None:
             return contextlib.nullcontext()
-        return self.watchdog.watch(what, sequence if self._owns_watchdog else None)
+        return self.watchdog.watch(what, sequence if self._owns_watchdog else None, waiting)
+
+    def _wait(self, what: Any, sequence: int | None = None) -> contextlib.AbstractContextManager[None]:
+        """``watch`` for a wait on other ranks."""
+        return self.watch(what, sequence, waiting=True)
 
     def _watched(self, name: str, flat: Any) -> contextlib.AbstractContextManager[None]:
         if self.watchdog is None:
             return contextlib.nullcontext()
         sequence, size, dtype = self.sequence, flat.size, flat.dtype
-        return self.watch(lambda: f"{name} #{sequence} ({size} x {dtype})", sequence)  # formatted only if late
+        return self._wait(lambda: f"{name} #{sequence} ({size} x {dtype})", sequence)  # formatted only if late
 
     def _segment_elems(self, flat: np.ndarray) -> int:
         return max(1, self.tuning.segment_bytes // flat.dtype.itemsize)

@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 class Groups:
     """A mixin of ``Communicator`` (uses its ``comm``, ``rank``, ``size``, ``checked``, ``tuning``,
-    ``watchdog``, ``watch`` and ``_guard``)."""
+    ``watchdog``, ``_wait`` and ``_guard``)."""
 
     comm: MPI.Comm
     rank: int
@@ -28,14 +28,14 @@ class Groups:
     def _guard(self) -> None:
         raise NotImplementedError
 
-    def watch(self, what: Any, sequence: int | None = None) -> contextlib.AbstractContextManager[None]:
+    def _wait(self, what: Any, sequence: int | None = None) -> contextlib.AbstractContextManager[None]:
         raise NotImplementedError
 
     def split(self, color: int, key: int | None = None) -> Any:
         """The Communicator of the ranks that pass the same ``color``, ordered by ``key`` (default: rank)
         (collective). It shares this one's checked mode, tuning and watchdog; close it before this one."""
         self._guard()
-        with self.watch("split"):
+        with self._wait("split"):
             raw = self.comm.Split(color, self.rank if key is None else key)
         try:
             return type(self)(raw, checked=self.checked, tuning=self.tuning, watchdog=self.watchdog)

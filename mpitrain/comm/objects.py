@@ -19,32 +19,32 @@ from mpitrain.comm.checks import agree_on_error
 
 
 class ObjectCollectives:
-    """A mixin of ``Communicator`` (uses its ``comm``, ``watch`` and ``_guard``)."""
+    """A mixin of ``Communicator`` (uses its ``comm``, ``_wait`` and ``_guard``)."""
 
     comm: MPI.Comm
 
     def _guard(self) -> None:
         raise NotImplementedError
 
-    def watch(self, what: str, sequence: int | None = None) -> contextlib.AbstractContextManager[None]:
+    def _wait(self, what: str, sequence: int | None = None) -> contextlib.AbstractContextManager[None]:
         raise NotImplementedError
 
     def allgather_object(self, obj: Any) -> list[Any]:
         """Gather a small picklable object from every rank, on every rank (control messages only)."""
         self._guard()
-        with self.watch("allgather_object"):
+        with self._wait("allgather_object"):
             return self.comm.allgather(obj)
 
     def gather_object(self, obj: Any, root: int = 0) -> list[Any] | None:
         """Gather a small picklable object from every rank on ``root`` (others get None)."""
         self._guard()
-        with self.watch("gather_object"):
+        with self._wait("gather_object"):
             return self.comm.gather(obj, root=root)
 
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
         """``root``'s picklable object, on every rank (what other ranks pass is ignored)."""
         self._guard()
-        with self.watch("bcast_object"):
+        with self._wait("bcast_object"):
             return self.comm.bcast(obj, root=root)
 
     def all_true(self, flag: bool) -> bool:
@@ -52,14 +52,14 @@ class ObjectCollectives:
         buffer collective's checks, for the verdicts a step combines (e.g. "my gradients are finite")."""
         self._guard()
         value = np.array([1 if flag else 0], np.int64)
-        with self.watch("all_true"):
+        with self._wait("all_true"):
             self.comm.Allreduce(MPI.IN_PLACE, value, op=MPI.MIN)
         return bool(value[0])
 
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank if any rank passes an error (see ``checks.agree_on_error``)."""
         self._guard()
-        with self.watch("agreement on errors"):
+        with self._wait("agreement on errors"):
             agree_on_error(self.comm, error)
 
     @contextlib.contextmanager

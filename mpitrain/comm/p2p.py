@@ -112,13 +112,13 @@ def wait_any(requests: Sequence[Request], watch: Watch, note: Callable[[], str] 
 
 class PointToPoint:
     """The point-to-point half of ``Communicator`` (a mixin: uses its ``_p2p``, ``size``, ``checked``,
-    ``watch`` and ``_guard``). Buffers are C-contiguous numpy arrays of the collectives' dtypes."""
+    ``_wait`` and ``_guard``). Buffers are C-contiguous numpy arrays of the collectives' dtypes."""
 
     _p2p: MPI.Comm
     size: int
     sent_bytes: int
     checked: bool
-    watch: Watch
+    _wait: Watch
 
     def _guard(self) -> None:
         raise NotImplementedError
@@ -155,7 +155,7 @@ class PointToPoint:
         """
         flat = self._message_buffer(buf, dest, tag, receiving=False)
         self.sent_bytes += flat.nbytes
-        with self.watch(self._describe("send to", dest, tag, flat)):
+        with self._wait(self._describe("send to", dest, tag, flat)):
             self._p2p.Send(flat, dest=dest, tag=tag)
 
     def recv(
@@ -171,7 +171,7 @@ class PointToPoint:
         flat = self._message_buffer(buf, source, tag, receiving=True)
         status = MPI.Status()
         what = self._describe("recv from", source, tag, flat)
-        with self.watch(what if note is None else lambda: f"{what}; {note()}"):
+        with self._wait(what if note is None else lambda: f"{what}; {note()}"):
             self._p2p.Recv(flat, source=source, tag=tag, status=status)
         return self._received(flat, status)
 
@@ -181,19 +181,19 @@ class PointToPoint:
         self.sent_bytes += flat.nbytes
         sent = Message(dest, tag, flat.size)
         request = self._p2p.Isend(flat, dest=dest, tag=tag)
-        return Request(request, self._describe("isend to", dest, tag, flat), self.watch, lambda _: sent)
+        return Request(request, self._describe("isend to", dest, tag, flat), self._wait, lambda _: sent)
 
     def irecv(self, buf: np.ndarray, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
         """Start receiving into ``buf``; the Request's ``wait`` returns the Message (checked as ``recv``)."""
         flat = self._message_buffer(buf, source, tag, receiving=True)
         request = self._p2p.Irecv(flat, source=source, tag=tag)
         what = self._describe("irecv from", source, tag, flat)
-        return Request(request, what, self.watch, lambda status: self._received(flat, status))
+        return Request(request, what, self._wait, lambda status: self._received(flat, status))
 
     def wait_any(self, requests: Sequence[Request], note: Callable[[], str] | None = None) -> int:
         """Block until one of ``requests`` completes; its index (see ``wait_any``). A server that keeps a
         receive posted for every client serves whichever comes first."""
-        return wait_any(requests, self.watch, note)
+        return wait_any(requests, self._wait, note)
 
     def sendrecv(
         self,
@@ -211,6 +211,6 @@ class PointToPoint:
         self.sent_bytes += out.nbytes
         status = MPI.Status()
         what = self._describe("sendrecv to", dest, sendtag, out) + " / " + self._describe("from", source, recvtag, into)
-        with self.watch(what):
+        with self._wait(what):
             self._p2p.Sendrecv(out, dest, sendtag, into, source, recvtag, status=status)
         return self._received(into, status)

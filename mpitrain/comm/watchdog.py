@@ -69,10 +69,10 @@ class Peer(NamedTuple):
 class _Region:
     """One watched block (see ``Watchdog.watch``): a plain context manager, as it wraps every collective."""
 
-    __slots__ = ("dog", "sequence", "token", "what")
+    __slots__ = ("dog", "sequence", "token", "waiting", "what")
 
-    def __init__(self, dog: Watchdog, what: str | Callable[[], str], sequence: int | None) -> None:
-        self.dog, self.what, self.sequence = dog, what, sequence
+    def __init__(self, dog: Watchdog, what: str | Callable[[], str], sequence: int | None, waiting: bool) -> None:
+        self.dog, self.what, self.sequence, self.waiting = dog, what, sequence, waiting
 
     def __enter__(self) -> None:
         dog = self.dog
@@ -80,7 +80,7 @@ class _Region:
         if self.sequence is not None and progress is not None:
             progress[ENTERED] = self.sequence
         self.token = next(dog._tokens)
-        dog._active[self.token] = (self.what, self.sequence, time.monotonic())
+        dog._active[self.token] = (self.what, self.sequence, time.monotonic(), self.waiting)
 
     def __exit__(self, *exc: object) -> None:
         del self.dog._active[self.token]
@@ -117,7 +117,8 @@ class Watchdog:
         self.rank, self.timeout = rank, float(timeout)
         self.progress, self.peers = progress, peers or []
         self.abort, self.grace = abort or MPI.COMM_WORLD.Abort, grace
-        self._active: dict[int, tuple[str | Callable[[], str], int | None, float]] = {}
+        self._active: dict[int, tuple[str | Callable[[], str], int | None, float, bool]] = {}
+        self._poll = min(0.5, self.timeout / 4)
         self._tokens = itertools.count()
         self._lock = threading.Lock()
         self.fired: str | None = None
@@ -155,19 +156,34 @@ class Watchdog:
             self.progress[FINISHED] = 1
         self.progress, self.peers = None, []
 
-    def watch(self, what: str | Callable[[], str], sequence: int | None = None) -> _Region:
+    def watch(self, what: str | Callable[[], str], sequence: int | None = None, waiting: bool = False) -> _Region:
         """A context that watches the enclosed block; ``what`` describes it (a callable is only called when
-        the block is reported); ``sequence`` marks it as collective number ``sequence``."""
-        return _Region(self, what, sequence)
+        the block is reported); ``sequence`` marks it as collective number ``sequence``.
+
+        ``waiting``: the block waits on other ranks (a message, a collective).
+        Such a block is reported two polls after the timeout, so that when one
+        rank is stuck in its own work and the others wait on it, the stuck
+        rank's report comes first and names it. While a block runs inside
+        another, only the inner one is judged (a rank waiting in a collective
+        is reported for that wait, not for the step around it) unless the
+        outer one has run for twice the timeout.
+        """
+        return _Region(self, what, sequence, waiting)
 
     def _run(self) -> None:
-        poll = min(0.5, self.timeout / 4)
-        while not self._stopping.wait(poll) and self.fired is None:
+        while not self._stopping.wait(self._poll) and self.fired is None:
             now = time.monotonic()
             # list() of a dict's values runs in C under the GIL: a snapshot while regions come and go
-            late = [entry for entry in list(self._active.values()) if now - entry[2] > self.timeout]
-            if late:
-                self._late(max(late, key=lambda entry: entry[2]))  # the innermost late region
+            entries = list(self._active.values())
+            if not entries:
+                continue
+            inner = max(entries, key=lambda entry: entry[2])
+            if now - inner[2] > self.timeout + (2 * self._poll if inner[3] else 0.0):
+                self._late(inner)
+            else:
+                overdue = [entry for entry in entries if now - entry[2] > 2 * self.timeout]
+                if overdue:
+                    self._late(min(overdue, key=lambda entry: entry[2]))
 
     def _open_peers(self) -> dict[int, Peer]:
         """A pidfd for every other rank of this node whose process this rank can see (Linux), by fd."""
@@ -206,8 +222,8 @@ class Watchdog:
         for fd in by_fd:
             os.close(fd)
 
-    def _late(self, entry: tuple[str | Callable[[], str], int | None, float]) -> None:
-        what, sequence, started = entry
+    def _late(self, entry: tuple[str | Callable[[], str], int | None, float, bool]) -> None:
+        what, sequence, started, _ = entry
         what = what() if callable(what) else what
         message = f"{what} has not completed in {time.monotonic() - started:.1f} s"
         if sequence is not None and self.peers:
