@@ -115,6 +115,26 @@ def test_watchdog_reports_what_it_waited_in_and_aborts() -> None:
         Watchdog(0, 0)
 
 
+def _fired_after(dog: Watchdog, codes: list[int]) -> float:
+    began = time.monotonic()
+    while not codes and time.monotonic() - began < 5:
+        time.sleep(0.01)
+    return time.monotonic() - began
+
+
+@pytest.mark.parametrize("waiting", [False, True])
+def test_a_wait_on_other_ranks_is_reported_after_a_stuck_rank_would_be(waiting: bool) -> None:
+    # Defect: a rank waiting on a stalled peer could report first, naming the wrong rank. Waits get
+    # two polls' grace (poll: timeout / 4 here), and inside a step only the innermost region counts.
+    codes: list[int] = []
+    dog = Watchdog(0, 0.4, abort=codes.append, grace=0)
+    with dog.watch("training step 3"), dog.watch("recv from rank 2", waiting=waiting):
+        seconds = _fired_after(dog, codes)
+    assert codes == [EXIT_TIMEOUT] and "recv from rank 2" in dog.fired  # the inner region, not the step
+    assert seconds >= (0.4 + 2 * 0.1 if waiting else 0.4), seconds
+    dog.stop()
+
+
 @pytest.mark.parametrize("case", ["unfinished", "finished", "another process"])
 def test_watchdog_names_a_peer_that_exits_unfinished(case: str) -> None:
     if not hasattr(os, "pidfd_open"):
