@@ -13,9 +13,11 @@ One or more faults, separated by commas:
   data pauses with that probability for LENGTH of its own step times (the
   draws are seeded by SEED, default 0, and the rank, so runs repeat).
 
-A rank's own step time is the median of its last ``WINDOW`` steps without
-the injected sleeps, so a rank that waited for a paused peer does not pause
-for longer itself. Unset, the checks cost one comparison per step.
+A rank's own step time is the lower quartile of its last ``WINDOW`` steps
+(without the injected sleeps): steps in which it also waited for a paused or
+slow peer are longer, and must not make its own pauses longer (a rank that
+waits for a peer in most steps would otherwise pause ever longer). Unset,
+the checks cost one comparison per step.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import collections
 import functools
 import os
 import signal
-import statistics
 import time
 from typing import Any, NamedTuple
 
@@ -33,7 +34,7 @@ import numpy as np
 VARIABLE = "MPITRAIN_FAULT"
 ACTIONS = ("raise", "kill", "hang", "nan")
 STRAGGLERS = ("slow", "pause")
-WINDOW = 21  # steps in the median step time of a straggler
+WINDOW = 21  # recent steps whose lower quartile is a straggler's own step time
 
 
 class Fault(NamedTuple):
@@ -106,11 +107,12 @@ def after_step(rank: int, seconds: float, reads_data: bool) -> None:
         return
     times, rng = _straggler(rank)
     times.append(seconds)
+    own = sorted(times)[(len(times) - 1) // 4]
     sleep = 0.0
     for fault in faults:
         if fault.action == "slow" and fault.first == rank:
-            sleep += (fault.second - 1) * statistics.median(times)
+            sleep += (fault.second - 1) * own
         elif fault.action == "pause" and reads_data and rng.random() < fault.first:
-            sleep += fault.second * statistics.median(times)
+            sleep += fault.second * own
     if sleep:
         time.sleep(sleep)
