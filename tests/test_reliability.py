@@ -217,3 +217,40 @@ def test_a_dead_or_stalled_worker_or_server_ends_the_job_naming_it(strategy: str
     )
     assert done.returncode != 0 and seconds < 60, (done.returncode, seconds)
     assert re.search(named, output), output[-2000:]
+
+
+def _straggle(monkeypatch, fault: str, rank: int, steps: list[float], reads_data: bool = True) -> list[float]:
+    """What ``after_step`` sleeps on ``rank`` for steps of these seconds under ``fault``."""
+    monkeypatch.setenv(faults.VARIABLE, fault)
+    faults.planned.cache_clear()
+    faults._straggler.cache_clear()
+    slept: list[float] = []
+    monkeypatch.setattr(faults.time, "sleep", slept.append)
+    for seconds in steps:
+        faults.after_step(rank, seconds, reads_data)
+    faults.planned.cache_clear()
+    faults._straggler.cache_clear()
+    return slept
+
+
+def test_a_slow_rank_sleeps_in_proportion_to_its_own_step_time(monkeypatch) -> None:
+    steps = [0.01] * 8 + [0.5]  # the last step waited on a peer: its own time is still 0.01
+    assert _straggle(monkeypatch, "slow:1:3", 1, steps) == [pytest.approx(0.02)] * 9
+    assert _straggle(monkeypatch, "slow:1:3", 0, steps) == []  # another rank is not slowed
+
+
+def test_random_pauses_are_seeded_and_only_on_ranks_with_data(monkeypatch) -> None:
+    first = _straggle(monkeypatch, "pause:0.3:5:7", 2, [0.01] * 400)
+    assert first == _straggle(monkeypatch, "pause:0.3:5:7", 2, [0.01] * 400)  # the same draws again
+    assert first != _straggle(monkeypatch, "pause:0.3:5:7", 3, [0.01] * 400)  # each rank its own
+    assert first == [pytest.approx(0.05)] * len(first) and 0.2 < len(first) / 400 < 0.4
+    assert _straggle(monkeypatch, "pause:0.3:5", 2, [0.01] * 50, reads_data=False) == []  # a server
+
+
+@pytest.mark.parametrize("text", ["slow:1:0.5", "slow:x:2", "pause:1.5:2", "pause:0.1:-1", "pause:0.1"])
+def test_malformed_straggler_faults_are_refused(monkeypatch, text: str) -> None:
+    monkeypatch.setenv(faults.VARIABLE, text)
+    faults.planned.cache_clear()
+    with pytest.raises(ValueError, match="slow:RANK:FACTOR"):
+        faults.planned()
+    faults.planned.cache_clear()
