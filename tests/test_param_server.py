@@ -107,8 +107,40 @@ def test_async_applies_every_pushed_gradient_once_in_any_order(comm: Communicato
     strategy.check()
 
 
+@pytest.mark.mpi(min_size=3)
+def test_staleness_lr_scales_each_push_by_the_updates_it_missed(comm: Communicator) -> None:
+    workers = comm.size - 1
+    strategy = AsynchronousParameterServer(_dyadic_job(workers), comm, AsyncOptions(staleness_lr=True))
+    model, rng = strategy.model, np.random.default_rng(comm.rank)
+    model.flat_params[...] = 0.25
+    strategy.start()
+    expected, pending = np.zeros(model.num_parameters()), []
+
+    def parameter_free_gradients(x, y, after_backward=None) -> Sums:
+        model.flat_grads[...] = rng.integers(-64, 64, model.num_parameters()) * 2.0**-5
+        pending.append((model.flat_grads.copy(), int(strategy.versions[0])))  # the version it was computed on
+        time.sleep(rng.random() * 0.003)
+        return Sums(0.0, 0, len(y))
+
+    strategy.local.gradients = parameter_free_gradients
+    sampler = ShardedBatches(200, 4, comm.rank, workers, 0) if strategy.shard is not None else None
+    stale = 0
+    for idx in strategy.batches(sampler, 0, 0, 7):
+        strategy.step(idx, idx)
+        if pending:  # a worker's push (a server's step pushes nothing)
+            gradient, read = pending.pop()
+            missed = int(strategy.versions[0]) - 1 - read  # the answer carries the version after this push
+            stale = max(stale, missed)
+            expected += gradient / (1 + missed)
+    strategy.sync()
+    total = comm.allreduce(expected)
+    stale = comm.allreduce(np.array([stale]), op="max")[0]
+    np.testing.assert_allclose(model.flat_params, 0.25 - 2.0**-6 * total, rtol=0, atol=1e-13)
+    assert stale >= 1  # some pushes were stale, so the scaling was exercised
+
+
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("strategy", ["ps-sync", "ps-async"])
+@pytest.mark.parametrize("strategy", ["ps-sync", "ps-ssp", "ps-async"])
 def test_resume(comm: Communicator, tmp_path, strategy: str) -> None:
     folder = shared_folder(tmp_path)
     base = {**SMALL, "strategy": strategy, "checkpoint_dir": folder}

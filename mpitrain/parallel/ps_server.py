@@ -139,7 +139,8 @@ class RoundServer(Server):
 
 
 class SyncServer(RoundServer):
-    """ps-sync: every step, receive one gradient from each worker, update, answer them all."""
+    """ps-sync: every step, receive one gradient from each worker, update (summed in worker order), and
+    answer them all, the last to arrive first: it is the slowest, on the critical path."""
 
     def __init__(self, strategy: Any, index: int) -> None:
         super().__init__(strategy, index, depth=1)
@@ -147,13 +148,11 @@ class SyncServer(RoundServer):
     def serve(self, pushes: int) -> None:
         for _ in range(pushes // self.workers):
             slots = self.slots(0)
-            pending = []
             for w in range(self.workers):
-                pending += [self.comm.irecv(self.heads[w], w, PUSH), self.comm.irecv(slots[w], w, PUSH_DATA)]
-            for request in pending:  # in worker order: an overdue wait names the worker
-                request.wait()
+                self.post(w, slots[w])
+            arrived = [self.next_push() for _ in range(self.workers)]  # an overdue wait names who is missing
             self.apply_round(slots)
-            for w in range(self.workers):
+            for w in reversed(arrived):
                 self._answer(w)
 
 
@@ -190,15 +189,17 @@ class SSPServer(RoundServer):
             self._flush()
 
     def _flush(self) -> None:
+        """Answer every waiting worker whose bound is met, the latest pusher first: it is the slowest (its
+        push completed the round), so the critical path waits for no other answer."""
         waiting, self.waiting = self.waiting, []
-        for worker, clock in waiting:
+        for worker, clock in reversed(waiting):
             if self.version >= clock - self.staleness:
                 self.max_spread = max(self.max_spread, clock - int(self.clocks.min()))
                 self._answer(worker)
                 # The slot of its next clock held round clock - K, which is applied: free to receive into.
                 self.post(worker, self.slots(clock + 1)[worker])
             else:
-                self.waiting.append((worker, clock))
+                self.waiting.insert(0, (worker, clock))
 
     def counters(self) -> dict[str, Any]:
         return {**super().counters(), "max_spread": self.max_spread}
