@@ -38,6 +38,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
+from mpitrain import backend
 from mpitrain.comm import Communicator
 from mpitrain.data import ShardedBatches
 from mpitrain.nn import Module
@@ -186,6 +187,24 @@ def json_array(value: Any) -> np.ndarray:
 def from_json_array(array: np.ndarray) -> Any:
     """The value ``json_array`` stored."""
     return json.loads(array.tobytes().decode())
+
+
+def optimizer_arrays(optimizer: Optimizer) -> dict[str, np.ndarray]:
+    """The optimizer's state buffers as host arrays named ``opt/<key>`` (its step count goes in meta)."""
+    return {f"opt/{k}": backend.to_host(v) for k, v in optimizer.state_dict().items() if k != "steps"}
+
+
+def load_optimizer(optimizer: Optimizer, arrays: dict[str, np.ndarray], steps: int, xp: ModuleType) -> None:
+    """Restore what ``optimizer_arrays`` named (the other keys of ``arrays`` are ignored) and the step count."""
+    state = {k[4:]: backend.to_device(v, xp) for k, v in arrays.items() if k.startswith("opt/")}
+    optimizer.load_state_dict({**state, "steps": steps})
+
+
+def exported(comm: Communicator, model: Module) -> dict[str, np.ndarray] | None:
+    """``Strategy.export`` of a model held whole: its parameters by name, host copies, on rank 0."""
+    if comm.rank != 0:
+        return None
+    return {name: backend.to_host(p.data).copy() for name, p in model.named_parameters()}
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

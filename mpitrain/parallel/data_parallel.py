@@ -25,7 +25,19 @@ from mpitrain.comm import Communicator, mark_all_ranks
 from mpitrain.comm.communicator import ALLREDUCE_ALGORITHMS
 from mpitrain.nn import Module, Sequential
 from mpitrain.optim import Optimizer
-from mpitrain.parallel.base import Job, Loss, State, Strategy, Sums, from_json_array, json_array, register
+from mpitrain.parallel.base import (
+    Job,
+    Loss,
+    State,
+    Strategy,
+    Sums,
+    exported,
+    from_json_array,
+    json_array,
+    load_optimizer,
+    optimizer_arrays,
+    register,
+)
 from mpitrain.parallel.local_step import LocalStep
 from mpitrain.parallel.reducer import DEFAULT_BUCKET_BYTES, GradientReducer, finite
 from mpitrain.parallel.replicas import check_replicas
@@ -282,7 +294,7 @@ class AllReduce(Strategy):
     def state_dict(self) -> State:
         state = self.optimizer.state_dict()
         replicated = {"params": backend.to_host(self.model.flat_params)}
-        replicated.update({f"opt/{k}": backend.to_host(v) for k, v in state.items() if k != "steps"})
+        replicated.update(optimizer_arrays(self.optimizer))
         local = {"random_state": json_array(self.model.random_state())}  # each rank's own dropout streams
         residual = getattr(self.engine.reducer.compressor, "residual", None)  # top-k error feedback
         if residual is not None:
@@ -297,8 +309,7 @@ class AllReduce(Strategy):
     def load_state_dict(self, state: State, same_world: bool) -> None:
         xp = self.job.xp
         self.model.flat_params[...] = backend.to_device(state.replicated["params"], xp)
-        opt = {k[4:]: backend.to_device(v, xp) for k, v in state.replicated.items() if k.startswith("opt/")}
-        self.optimizer.load_state_dict({**opt, "steps": state.meta["optimizer_steps"]})
+        load_optimizer(self.optimizer, state.replicated, state.meta["optimizer_steps"], xp)
         self.engine.skipped_steps = state.meta["skipped_steps"]
         self._steps = state.meta["steps"]
         if same_world:
@@ -307,9 +318,7 @@ class AllReduce(Strategy):
             self.model.set_random_state(from_json_array(state.local["random_state"]))
 
     def export(self) -> dict[str, np.ndarray] | None:
-        if self.comm.rank != 0:
-            return None
-        return {name: backend.to_host(p.data) for name, p in self.model.named_parameters()}
+        return exported(self.comm, self.model)
 
     @property
     def stats(self) -> dict[str, Any]:

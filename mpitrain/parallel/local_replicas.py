@@ -23,7 +23,17 @@ import numpy as np
 
 from mpitrain import backend
 from mpitrain.comm import Communicator
-from mpitrain.parallel.base import Job, State, Strategy, Sums, from_json_array, json_array
+from mpitrain.parallel.base import (
+    Job,
+    State,
+    Strategy,
+    Sums,
+    exported,
+    from_json_array,
+    json_array,
+    load_optimizer,
+    optimizer_arrays,
+)
 from mpitrain.parallel.local_step import LocalStep
 from mpitrain.parallel.replicas import check_replicas
 
@@ -94,7 +104,7 @@ class LocalReplicas(Strategy):
         """This rank's replica and optimizer state (local), the consensus (replicated)."""
         state = self.optimizer.state_dict()
         local = {"replica": backend.to_host(self.model.flat_params)}
-        local.update({f"opt/{k}": backend.to_host(v) for k, v in state.items() if k != "steps"})
+        local.update(optimizer_arrays(self.optimizer))
         local["random_state"] = json_array(self.model.random_state())
         replicated = {"params": backend.to_host(self.consensus_model.flat_params)}
         return State(replicated, local, {"optimizer_steps": int(state["steps"]), "steps": self.steps})
@@ -110,14 +120,11 @@ class LocalReplicas(Strategy):
             self.optimizer.steps = state.meta["optimizer_steps"]
             return
         self.model.flat_params[...] = backend.to_device(state.local["replica"], xp)
-        opt = {k[4:]: backend.to_device(v, xp) for k, v in state.local.items() if k.startswith("opt/")}
-        self.optimizer.load_state_dict({**opt, "steps": state.meta["optimizer_steps"]})
+        load_optimizer(self.optimizer, state.local, state.meta["optimizer_steps"], xp)
         self.model.set_random_state(from_json_array(state.local["random_state"]))
 
     def export(self) -> dict[str, np.ndarray] | None:
-        if self.comm.rank != 0:
-            return None
-        return {name: backend.to_host(p.data) for name, p in self.consensus_model.named_parameters()}
+        return exported(self.comm, self.consensus_model)
 
     @property
     def stats(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from mpitrain import backend
 from mpitrain.cli_types import nonneg_int, positive_int
 from mpitrain.comm import Communicator
 from mpitrain.data import ShardedBatches
-from mpitrain.parallel.base import Job, State, Strategy, Sums, register
+from mpitrain.parallel.base import Job, State, Strategy, Sums, exported, load_optimizer, optimizer_arrays, register
 from mpitrain.parallel.local_step import LocalStep
 from mpitrain.parallel.ps_server import PULL, PULL_DATA, PUSH, PUSH_DATA, PushSchedule, Server, server_for
 from mpitrain.parallel.replicas import check_replicas
@@ -192,14 +192,13 @@ class ParameterServer(Strategy):
                 for j, (lo, hi) in enumerate(self.ranges):
                     self.comm.broadcast(value[lo:hi], root=self.workers + j)
         replicated = {"params": backend.to_host(self.model.flat_params)}
-        replicated.update({f"opt/{k}": backend.to_host(v) for k, v in state.items() if k != "steps"})
+        replicated.update(optimizer_arrays(self.optimizer))
         meta = {"optimizer_steps": self._counters[0]["optimizer_steps"], "servers": self._counters, "steps": self.steps}
         return State(replicated, {}, meta)
 
     def load_state_dict(self, state: State, same_world: bool) -> None:
         self.model.flat_params[...] = state.replicated["params"]
-        opt = {k[4:]: v for k, v in state.replicated.items() if k.startswith("opt/")}
-        self.optimizer.load_state_dict({**opt, "steps": state.meta["optimizer_steps"]})
+        load_optimizer(self.optimizer, state.replicated, state.meta["optimizer_steps"], self.job.xp)
         counters = state.meta["servers"]
         if len(counters) != len(self.ranges):  # other servers: each starts from the first one's counters
             counters = [counters[0]] * len(self.ranges)
@@ -212,9 +211,7 @@ class ParameterServer(Strategy):
             self.server.restore(counters[self.server.index])
 
     def export(self) -> dict[str, np.ndarray] | None:
-        if self.comm.rank != 0:
-            return None
-        return {name: p.data.copy() for name, p in self.model.named_parameters()}
+        return exported(self.comm, self.model)
 
     def close(self) -> None:
         """Cancel a server's standing receives."""
