@@ -53,7 +53,7 @@ class SSPOptions:
     """Options of ``--strategy ps-ssp``."""
 
     servers: int = 1
-    staleness: int = 4
+    staleness: int = 2
 
 
 @dataclass
