@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from mpitrain.comm import Communicator, mark_all_ranks
+from mpitrain.nn import Module
 from mpitrain.parallel.base import State
 
 FORMAT_VERSION = 2
@@ -232,3 +233,30 @@ def load_newest(comm: Communicator, source: str) -> Found:
             return found
         skipped.append(problems[0])
     raise mark_all_ranks(ValueError("no valid checkpoint to resume from: " + "; ".join(skipped)))
+
+
+def read_parameters(path: str, model: Module) -> dict[str, np.ndarray]:
+    """A whole model's parameters by dotted name, for ``--init-from``: from a ``.npz`` that ``--save``
+    wrote, or from the newest checkpoint in ``path`` (a folder of them, or one), whose replicated flat
+    ``params`` (any strategy that holds the whole model there: data parallel, parameter servers,
+    local replicas' consensus, a pipeline) is cut by ``model``'s layout (``Module.flat_layout``).
+
+    Raises:
+        FileNotFoundError: nothing there. ValueError: the file holds no whole model of this size.
+    """
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--init-from {path}: no such file or checkpoint folder")
+        with np.load(path, allow_pickle=False) as f:
+            return {name: f[name] for name in f.files}
+    paths = [path] if _has_manifest(path) else checkpoints(path)
+    if not paths:
+        raise FileNotFoundError(f"--init-from {path}: no checkpoint (ckpt-*/{MANIFEST}) there")
+    flat = _read(paths[0], REPLICATED, _manifest(paths[0])).get("params")
+    layout = model.flat_layout()
+    size = layout[-1][2] if layout else 0
+    if flat is None or flat.size != size:
+        held = "no whole-model parameters" if flat is None else f"{flat.size} parameters"
+        raise ValueError(f"--init-from {paths[0]}: holds {held}; this model has {size}")
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    return {name: flat[a:b].reshape(shapes[name]) for name, a, b in layout}

@@ -91,6 +91,12 @@ def _train_parser(prog: str) -> _Parser:
     p.add_argument("--keep", type=positive_int, default=d.keep, help="checkpoints kept (default %(default)s)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from the newest valid checkpoint in PATH (default: --checkpoint-dir)")  # fmt: skip
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="PATH",
+        help="start from a --save .npz or a checkpoint's whole model (any strategy)",
+    )
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in all")
     p.add_argument("--threads", type=positive_int, default=None, help="BLAS threads per rank (default cores/ranks)")
     p.add_argument("--metrics", default=None, metavar="FILE.jsonl", help="one JSON line per epoch")

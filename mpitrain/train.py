@@ -62,6 +62,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep: int = 3
     resume: str | None = None
+    init_from: str | None = None
     max_steps: int | None = None
     metrics: str | None = None
     save: str | None = None
@@ -166,7 +167,16 @@ def _job(config: TrainConfig, data: Dataset, comm: Communicator, total_steps: in
             allocate=allocate,
         )
 
-    return Job(model, optimizer, SoftmaxCrossEntropy, config.seed, np.dtype(config.dtype), xp)
+    return Job(
+        model,
+        optimizer,
+        SoftmaxCrossEntropy,
+        config.seed,
+        np.dtype(config.dtype),
+        xp,
+        sample_shape=tuple(data.sample_shape),
+        batch_size=config.batch_size,
+    )
 
 
 def train(config: TrainConfig, comm: Communicator) -> TrainResult:
@@ -196,6 +206,9 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
 
 def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Dataset, steps_per_epoch: int) -> list:
     leader = comm.rank == 0
+    if config.init_from and not config.resume:
+        with comm.agreement():  # a missing or foreign file is one error, on every rank
+            strategy.load_parameters(checkpoint.read_parameters(config.init_from, strategy.job.build_model()))
     strategy.start()
     run_id = comm.bcast_object(uuid.uuid4().hex)
     position = Position()

@@ -22,12 +22,20 @@ ASYNCHRONOUS = ("ps-async", "ps-ssp")  # timing decides their course: judged by 
 NEEDS_SERVER = ("ps-sync", "ps-async", "ps-ssp")
 
 
+def _job(name: str, size: int) -> dict:
+    """``--strategy name`` in a world of ``size``: a pipeline of 2 stages where the world is even (the 2 x 2
+    hybrid at 4 ranks), else of one stage per rank."""
+    if name == "pipeline":
+        return {"strategy": name, "pipeline_stages": 2 if size % 2 == 0 else size}
+    return {"strategy": name}
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_the_default_job_reaches_the_target(comm: Communicator, name: str) -> None:
     if name in NEEDS_SERVER and comm.size < 2:
         pytest.skip("a parameter server needs a worker and a server")
-    history = train(train_config(progress=False, strategy=name), comm).history
+    history = train(train_config(progress=False, **_job(name, comm.size)), comm).history
     accuracy = [record["test_acc"] for record in history]
     reached = max(accuracy) if name in ASYNCHRONOUS else accuracy[-1]
     assert reached >= TARGETS.get(name, 0.95), accuracy
@@ -38,7 +46,7 @@ def test_the_default_job_reaches_the_target(comm: Communicator, name: str) -> No
 def test_same_seed_same_world_is_bit_identical(comm: Communicator, name: str) -> None:
     if name in NEEDS_SERVER and comm.size < 2:
         pytest.skip("a parameter server needs a worker and a server")
-    config = {"epochs": 1, "progress": False, "batch_size": 16, "strategy": name}
+    config = {"epochs": 1, "progress": False, "batch_size": 16, **_job(name, comm.size)}
     first = train(train_config(**config), comm).model.flat_params.copy()
     second = train(train_config(**config), comm).model.flat_params
     other = train(train_config(**config, seed=1), comm).model.flat_params
@@ -51,7 +59,7 @@ def test_the_epoch_evaluates_the_model_that_is_saved(comm: Communicator, tmp_pat
     if name in NEEDS_SERVER and comm.size < 2:
         pytest.skip("a parameter server needs a worker and a server")
     path = os.path.join(shared_folder(tmp_path), "model.npz")
-    history = train(train_config(epochs=2, progress=False, strategy=name, save=path), comm).history
+    history = train(train_config(epochs=2, progress=False, save=path, **_job(name, comm.size)), comm).history
     comm.allreduce(np.zeros(1))  # rank 0 has written the file
     model = build_model("mlp", (1, 8, 8), 10).init_params()
     with np.load(path) as saved:

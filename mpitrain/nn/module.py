@@ -196,19 +196,25 @@ class Module:
         ``xp.zeros``. Returns self.
         """
         named = list(self.named_parameters())
-        total = sum(p.size for _, p in named)
         allocate = allocate or (lambda count, kind: xp.zeros(count, dtype=kind))
-        self.layout: list[tuple[str, int, int]] = []
-        offset = 0
-        for name, p in reversed(named):  # reverse layer order: see the module docstring
-            self.layout.append((name, offset, offset + p.size))
-            offset += p.size
+        self.layout = self.flat_layout()
+        total = self.layout[-1][2] if self.layout else 0
         self.rebind(allocate(total, dtype), allocate(total, dtype))
         for name, p in named:
             p.data[...] = backend.to_device(p.initial_values(parameter_rng(seed, name)).astype(dtype), xp)
         for m in self.modules():
             m.xp = xp
         return self
+
+    def flat_layout(self) -> list[tuple[str, int, int]]:
+        """(name, start, stop) of every parameter in the flat buffers ``init_params`` makes, in buffer
+        order (reverse layer order: see the module docstring); needs no storage, so a whole model's layout
+        is known where only a stage of it is allocated."""
+        layout, offset = [], 0
+        for name, p in reversed(list(self.named_parameters())):
+            layout.append((name, offset, offset + p.size))
+            offset += p.size
+        return layout
 
     def rebind(self, flat_params: Any, flat_grads: Any) -> None:
         """Make ``flat_params`` / ``flat_grads`` (1-D, the layout's size) this model's buffers, every

@@ -10,6 +10,7 @@ from mpitrain.parallel.param_server import (
     StaleSynchronousParameterServer,
     SyncParameterServer,
 )
+from mpitrain.parallel.pipeline import Pipeline
 from mpitrain.parallel.reducer import GradientReducer
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "GradientReducer",
     "Job",
     "LocalSGD",
+    "Pipeline",
     "StaleSynchronousParameterServer",
     "State",
     "Strategy",

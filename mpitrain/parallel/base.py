@@ -70,6 +70,8 @@ class Job:
     seed: int = 0
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     xp: ModuleType = np
+    sample_shape: tuple[int, ...] = ()  # one input sample's shape (a pipeline sizes its messages by it)
+    batch_size: int = 0  # the loop's per-rank batch (0: unknown; a pipeline needs it)
 
 
 class State(NamedTuple):
@@ -166,6 +168,11 @@ class Strategy(ABC):
         so per-rank state applies (else only the replicated part)."""
 
     @abstractmethod
+    def load_parameters(self, named: dict[str, np.ndarray]) -> None:
+        """Start from these whole-model parameters by name (``--init-from``) instead of the seed's values;
+        called on every rank before ``start``. Raises ValueError naming a missing or misshapen parameter."""
+
+    @abstractmethod
     def export(self) -> dict[str, np.ndarray] | None:
         """The whole model's parameters by name on rank 0 (None elsewhere); call after ``sync``."""
 
@@ -205,6 +212,21 @@ def exported(comm: Communicator, model: Module) -> dict[str, np.ndarray] | None:
     if comm.rank != 0:
         return None
     return {name: backend.to_host(p.data).copy() for name, p in model.named_parameters()}
+
+
+def assign_parameters(model: Module, named: dict[str, np.ndarray]) -> None:
+    """Copy ``named`` arrays (a whole model's, by dotted name) into ``model``'s parameters of those names.
+
+    Raises:
+        ValueError: a parameter of ``model`` is missing from ``named`` or has another shape.
+    """
+    for name, p in model.named_parameters():
+        if name not in named:
+            raise ValueError(f"the parameters to load have no {name!r} (they hold {', '.join(sorted(named))})")
+        value = np.asarray(named[name])
+        if value.shape != p.shape:
+            raise ValueError(f"parameter {name!r} is {value.shape} in the file, {p.shape} in this model")
+        p.data[...] = backend.to_device(value.astype(p.data.dtype), backend.array_module_of(p.data))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

@@ -31,6 +31,7 @@ from mpitrain.parallel.base import (
     State,
     Strategy,
     Sums,
+    assign_parameters,
     exported,
     from_json_array,
     json_array,
@@ -316,6 +317,9 @@ class AllReduce(Strategy):
             if "residual" in state.local:
                 self.engine.reducer.compressor.residual[...] = state.local["residual"]
             self.model.set_random_state(from_json_array(state.local["random_state"]))
+
+    def load_parameters(self, named: dict[str, np.ndarray]) -> None:
+        assign_parameters(self.model, named)
 
     def export(self) -> dict[str, np.ndarray] | None:
         return exported(self.comm, self.model)

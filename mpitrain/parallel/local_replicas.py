@@ -28,6 +28,7 @@ from mpitrain.parallel.base import (
     State,
     Strategy,
     Sums,
+    assign_parameters,
     exported,
     from_json_array,
     json_array,
@@ -122,6 +123,10 @@ class LocalReplicas(Strategy):
         self.model.flat_params[...] = backend.to_device(state.local["replica"], xp)
         load_optimizer(self.optimizer, state.local, state.meta["optimizer_steps"], xp)
         self.model.set_random_state(from_json_array(state.local["random_state"]))
+
+    def load_parameters(self, named: dict[str, np.ndarray]) -> None:
+        assign_parameters(self.model, named)
+        assign_parameters(self.consensus_model, named)
 
     def export(self) -> dict[str, np.ndarray] | None:
         return exported(self.comm, self.consensus_model)

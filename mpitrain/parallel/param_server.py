@@ -35,7 +35,17 @@ from mpitrain import backend
 from mpitrain.cli_types import nonneg_int, positive_int
 from mpitrain.comm import Communicator
 from mpitrain.data import ShardedBatches
-from mpitrain.parallel.base import Job, State, Strategy, Sums, exported, load_optimizer, optimizer_arrays, register
+from mpitrain.parallel.base import (
+    Job,
+    State,
+    Strategy,
+    Sums,
+    assign_parameters,
+    exported,
+    load_optimizer,
+    optimizer_arrays,
+    register,
+)
 from mpitrain.parallel.local_step import LocalStep
 from mpitrain.parallel.ps_server import PULL, PULL_DATA, PUSH, PUSH_DATA, PushSchedule, Server, server_for
 from mpitrain.parallel.replicas import check_replicas
@@ -209,6 +219,9 @@ class ParameterServer(Strategy):
             self.steps = state.meta["steps"]
         if self.server is not None:
             self.server.restore(counters[self.server.index])
+
+    def load_parameters(self, named: dict[str, np.ndarray]) -> None:
+        assign_parameters(self.model, named)  # a server's range is a view of these parameters
 
     def export(self) -> dict[str, np.ndarray] | None:
         return exported(self.comm, self.model)
