@@ -5,7 +5,8 @@
 #   make test      ruff, then pytest under mpiexec at 1, 2, 3 and 4 ranks
 #   make bench     collective benchmark (nccl-tests style) on NP ranks, then the training
 #                  benchmark at 1, 2 and 4 ranks (against PyTorch DDP when torch is installed),
-#                  then every strategy at 4 ranks with and without stragglers
+#                  then every strategy at 4 ranks with and without stragglers, then the
+#                  pipeline schedules at 2 and 4 stages (against torch.distributed.pipelining)
 #   make lint      ruff
 #
 # PYTHON=/path/to/python uses that interpreter instead of a .venv here.
@@ -65,6 +66,7 @@ bench: install
 	$(MPIRUN) $(NP) $(PYTHON) -m mpitrain bench collectives --json build/collectives.json --plot build/collectives.png $(ARGS)
 	$(PYTHON) -m mpitrain bench training --json build/training.json --plot build/training.png
 	$(PYTHON) -m mpitrain bench strategies --json build/strategies.json --plot build/strategies.png
+	$(PYTHON) -m mpitrain bench pipeline --json build/pipeline.json
 
 clean:
 	rm -rf build $(VENV) *.egg-info

@@ -217,7 +217,7 @@ COMMANDS = {
     "info": (_info_parser, _run_info),
     "bench": (_bench_parser, _run_bench),
 }
-BENCHMARKS = ("collectives", "training", "strategies")
+BENCHMARKS = ("collectives", "training", "strategies", "pipeline")
 
 
 def parse(argv: Sequence[str], prog: str = "python -m mpitrain") -> argparse.Namespace:

@@ -15,6 +15,7 @@ import pytest
 
 from mpitrain.cli import UsageError, parse
 from mpitrain.jobs import child_environment, mpiexec_command
+from mpitrain.parallel.schedules import SCHEDULES
 from tests.conftest import run_mpitrain
 
 
@@ -128,6 +129,23 @@ def test_training_benchmark_reports_throughput_and_breakdown(tmp_path) -> None:
         assert len(r["runs_samples_per_s"]) == 2 and r["samples_per_s"] == min(r["runs_samples_per_s"])  # median
         parts = sum(r[f"{k}_ms"] for k in ("forward", "backward", "allreduce_wait", "optimizer"))
         assert 0 < parts <= r["step_ms"] * 1.05
+
+
+def test_pipeline_benchmark_measures_every_schedule_against_its_formula(tmp_path) -> None:
+    out = tmp_path / "pipeline.json"
+    done = run_mpitrain(1, "bench", "pipeline", "--stages", "2", "--micro", "1,2", "--steps", "2", "--warmup", "1",
+                        "--repeat", "2", "--batch", "16", "--sleep-ms", "2", "--json", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["framework"] == "mpitrain"]
+    found = {(r["mode"], r["schedule"], r["micro"]) for r in rows}
+    assert found == {(mode, kind, m) for mode in ("compute", "sleep") for kind in SCHEDULES for m in (1, 2)}
+    for r in rows:
+        assert r["runs"] == 2 and r["low_ms"] <= r["step_ms"] <= r["high_ms"]
+        assert 0 <= r["bubble"] < 1 and r["formula"] == pytest.approx(
+            1 / ((r["chunks"] if r["schedule"] == "interleaved" else 1) * r["micro"] + 1)
+        )
+        assert len(r["peak_live"]) == 2 and all(b > 0 for b in r["activation_bytes"])
+    assert "# targets:" in done.stdout
 
 
 def test_soak_script_samples_memory_and_checks_growth() -> None:

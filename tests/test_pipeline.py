@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 
 import numpy as np
 import pytest
 
 from mpitrain import checkpoint
+from mpitrain.cli import UsageError, parse
 from mpitrain.comm import Communicator, raised_on_all_ranks
 from mpitrain.nn import SoftmaxCrossEntropy, build_model
 from mpitrain.optim import SGD
@@ -31,7 +33,7 @@ from mpitrain.parallel.schedules import (
     simulate,
 )
 from mpitrain.train import train, train_config
-from tests.conftest import shared_folder
+from tests.conftest import run_mpitrain, shared_folder
 
 HIDDEN = (24, 16, 12)  # Flatten + 3 x (Linear, ReLU) + Linear: 8 layers, enough for 4 stages x 2 chunks
 BATCH = 16
@@ -301,3 +303,31 @@ def test_splits_that_do_not_cover_the_model_in_order_are_refused(comm: Communica
     with pytest.raises(ValueError, match="stages exceed the model's 8 layers") as caught:
         Pipeline(_job(), comm, PipelineOptions(comm.size, 2, "interleaved", 9 // comm.size + 1))
     assert raised_on_all_ranks(caught.value)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--micro-batches", "4"], "--micro-batches belong.* to --strategy pipeline"),
+        (["--strategy", "pipeline", "--split", "2,x"], "expected layer indices like 2,4"),
+        (["--strategy", "pipeline", "--schedule-pp", "zigzag"], "invalid choice: 'zigzag'"),
+        (["--strategy", "pipeline", "--pipeline-stages", "0"], "--pipeline-stages: '0': expected an integer >= 1"),
+    ],
+)
+def test_bad_pipeline_flags_are_one_usage_error(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse(argv)
+
+
+def test_the_command_line_moves_a_model_between_strategies(tmp_path) -> None:
+    saved = str(tmp_path / "allreduce.npz")
+    done = run_mpitrain(2, "--epochs", "2", "--no-progress", "--save", saved)
+    assert done.returncode == 0, done.stderr
+    first = run_mpitrain(
+        2, "--strategy", "pipeline", "--epochs", "1", "--no-progress", "--lr", "1e-9", "--init-from", saved
+    )
+    assert first.returncode == 0, first.stderr
+    accuracy = float(re.search(r"test_acc (\S+)", first.stdout).group(1))
+    assert accuracy > 0.8  # the trained model's, not a fresh one's (the rate is too small to learn)
+    missing = run_mpitrain(2, "--strategy", "pipeline", "--init-from", str(tmp_path / "nothing.npz"))
+    assert missing.returncode == 1 and missing.stderr.count("no such file or checkpoint folder") == 1

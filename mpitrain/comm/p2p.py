@@ -55,7 +55,9 @@ class Request:
     """A pending ``isend`` / ``irecv``; ``wait`` blocks under the watchdog and returns the ``Message``
     (for a send: the destination, tag and count)."""
 
-    def __init__(self, request: MPI.Request, what: str, watch: Watch, finish: Callable[[MPI.Status], Message]):
+    def __init__(
+        self, request: MPI.Request, what: Callable[[], str], watch: Watch, finish: Callable[[MPI.Status], Message]
+    ):
         self._request, self._what, self._watch, self._finish = request, what, watch, finish
         self._done: Message | None = None
 
@@ -100,7 +102,7 @@ def wait_any(requests: Sequence[Request], watch: Watch, note: Callable[[], str] 
     status = MPI.Status()
 
     def what() -> str:  # formatted only if overdue
-        text = "a message from any of: " + ", ".join(request._what for request in requests)
+        text = "a message from any of: " + ", ".join(request._what() for request in requests)
         return text if note is None else f"{text}; {note()}"
 
     with watch(what):
@@ -143,9 +145,14 @@ class PointToPoint:
         return Message(source, tag, count)
 
     @staticmethod
-    def _describe(verb: str, peer: int, tag: int, flat: np.ndarray) -> str:
-        who = "any rank" if peer == ANY_SOURCE else f"rank {peer}"
-        return f"{verb} {who} (tag {'any' if tag == ANY_TAG else tag}, {flat.size} x {flat.dtype})"
+    def _describe(verb: str, peer: int, tag: int, flat: np.ndarray) -> Callable[[], str]:
+        """What a wait is for, formatted only if the watchdog reports it (a message costs microseconds)."""
+
+        def describe() -> str:
+            who = "any rank" if peer == ANY_SOURCE else f"rank {peer}"
+            return f"{verb} {who} (tag {'any' if tag == ANY_TAG else tag}, {flat.size} x {flat.dtype})"
+
+        return describe
 
     def send(self, buf: np.ndarray, dest: int, tag: int = 0) -> None:
         """Send ``buf`` to rank ``dest`` (blocking until the buffer may be reused; watched).
@@ -171,7 +178,7 @@ class PointToPoint:
         flat = self._message_buffer(buf, source, tag, receiving=True)
         status = MPI.Status()
         what = self._describe("recv from", source, tag, flat)
-        with self._wait(what if note is None else lambda: f"{what}; {note()}"):
+        with self._wait(what if note is None else lambda: f"{what()}; {note()}"):
             self._p2p.Recv(flat, source=source, tag=tag, status=status)
         return self._received(flat, status)
 
@@ -210,7 +217,8 @@ class PointToPoint:
         into = self._message_buffer(recvbuf, source, recvtag, receiving=True)
         self.sent_bytes += out.nbytes
         status = MPI.Status()
-        what = self._describe("sendrecv to", dest, sendtag, out) + " / " + self._describe("from", source, recvtag, into)
+        there, back = self._describe("sendrecv to", dest, sendtag, out), self._describe("from", source, recvtag, into)
+        what = lambda: f"{there()} / {back()}"  # noqa: E731 - formatted only if overdue
         with self._wait(what):
             self._p2p.Sendrecv(out, dest, sendtag, into, source, recvtag, status=status)
         return self._received(into, status)

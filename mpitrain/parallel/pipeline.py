@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,6 +278,7 @@ class Pipeline(Strategy):
         self.steps = 0
         self.peak_live = dict.fromkeys(self.stages, 0)  # micro-batches held at once, counted while running
         self.peak_live_rank = 0  # the same over all of this rank's chunks together
+        self.compute_s = 0.0  # seconds of forward and backward (the rest of a step is messages and bubble)
         self.activation_bytes = dict.fromkeys(self.stages, 0)  # the layer outputs they held, at the peak
         itemsize = np.dtype(job.dtype).itemsize
         self._bytes_per_sample = {
@@ -381,7 +383,7 @@ class Pipeline(Strategy):
         sends, free = [], {k: list(slots) for k, slots in self.slots.items()}
         taken: dict[tuple[int, int], Slot] = {}
         live = dict.fromkeys(self.stages, 0)
-        loss, correct, batch = 0.0, 0, self.job.batch_size
+        loss, correct, batch, clock = 0.0, 0, self.job.batch_size, time.perf_counter
         self.reducer.begin()
         for index, a in enumerate(self.actions):
             op, m, k = a.op, a.micro, a.stage
@@ -389,6 +391,7 @@ class Pipeline(Strategy):
             if op in (RECV_ACT, RECV_GRAD):
                 pending[op[5:], m, k].wait()
             elif op == FORWARD:
+                began = clock()
                 slot = taken[m, k] = free[k].pop()
                 out = slot.model.forward(x[lo:hi] if k == 0 else buffers["in", "act", m, k])
                 live[k] += 1
@@ -403,7 +406,10 @@ class Pipeline(Strategy):
                         slot.grad *= weight
                 else:
                     buffers["out", "act", m, k + 1][...] = out
+                backend.synchronize(xp)
+                self.compute_s += clock() - began
             elif op == BACKWARD:
+                began = clock()
                 slot = taken.pop((m, k))
                 grad = slot.grad if k == self.last else buffers["in", "grad", m, k]
                 if index == self._last_backward[k]:  # gradients become final layer by layer: overlap
@@ -417,6 +423,8 @@ class Pipeline(Strategy):
                     buffers["out", "grad", m, k - 1][...] = dx
                 live[k] -= 1
                 free[k].append(slot)
+                backend.synchronize(xp)
+                self.compute_s += clock() - began
             else:
                 kind = "act" if op == SEND_ACT else "grad"
                 sends.append(self.row.isend(buffers["out", kind, m, k], a.peer, self._tag(kind, m, k)))
@@ -553,6 +561,7 @@ class Pipeline(Strategy):
             "steps": self.steps,
             "peak_live": [self.peak_live[k] for k in self.stages],
             "peak_live_rank": self.peak_live_rank,
+            "compute_s": self.compute_s,
             "activation_bytes": [self.activation_bytes[k] for k in self.stages],
             "sent_bytes": self.sent_bytes,
         }
