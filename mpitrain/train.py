@@ -329,12 +329,17 @@ def _open_metrics(config: TrainConfig) -> Any:
 
 
 def _header(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Dataset, steps: int) -> None:
+    shards = type(strategy).data_shards(config.options, comm.size)
+    readers = f"{comm.size} rank(s)" if shards == comm.size else f"{comm.size} rank(s), {shards} data shard(s)"
     print(
         f"# {config.model} on {data.name}: {strategy.num_parameters()} parameters, {len(data.x_train)} train / "
-        f"{len(data.x_test)} test samples, {comm.size} rank(s) x batch {config.batch_size}, {steps} steps/epoch, "
+        f"{len(data.x_test)} test samples, {readers} x batch {config.batch_size}, {steps} steps/epoch, "
         f"strategy {config.strategy}",
         flush=True,
     )
+    layout = strategy.describe()
+    if layout:
+        print(f"# {layout}", flush=True)
     compression = getattr(config.options, "compression", "none")
     if compression != "none" and comm.size > 1 and comm.single_node:
         print(
@@ -342,10 +347,10 @@ def _header(config: TrainConfig, comm: Communicator, strategy: Strategy, data: D
             f"{compression} only adds work here (it pays between nodes)",
             flush=True,
         )
-    global_batch = config.batch_size * comm.size
+    global_batch = config.batch_size * shards
     if global_batch > len(data.x_train):
         print(
-            f"# warning: {comm.size} rank(s) x batch {config.batch_size} = {global_batch} exceeds the "
+            f"# warning: {readers} x batch {config.batch_size} = {global_batch} exceeds the "
             f"{len(data.x_train)} training samples: each epoch repeats samples to fill one step",
             flush=True,
         )

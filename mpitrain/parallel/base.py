@@ -181,6 +181,11 @@ class Strategy(ABC):
         """Counters the loop reports per epoch (e.g. lr, skipped_steps)."""
         return {}
 
+    def describe(self) -> str:
+        """How this strategy laid the job out over the ranks, for the run header ("" when there is nothing
+        beyond the strategy's name)."""
+        return ""
+
     def close(self) -> None:
         """Stop this strategy's threads and free its shared memory (collective)."""
         return None

@@ -357,6 +357,14 @@ class Pipeline(Strategy):
             return self.column.rank, self.column.size
         return None
 
+    def describe(self) -> str:
+        stages = ", ".join(f"[{a}, {b})" for a, b in itertools.pairwise(self.bounds))
+        chunks = f" x {self.V} chunks per rank" if self.V > 1 else ""
+        return (
+            f"pipeline: {self.column.size} pipeline(s) x {self.P} stages{chunks}, schedule {self.options.schedule_pp}, "
+            f"{self.M} micro-batches per step; stages hold layers {stages}"
+        )
+
     def num_parameters(self) -> int:
         return sum(p.size for p in self.job.build_model().parameters())
 
