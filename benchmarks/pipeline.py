@@ -16,9 +16,11 @@ machine's slow and fast spells:
   live micro-batches;
 - ``sleep``: every stage's compute replaced by a fixed sleep (``--sleep-ms``
   per micro-batch forward on a rank, twice that backward, split over its V
-  chunks), so P ranks on fewer cores measure the schedule alone (each
-  message hop costs about 0.2 ms of Python and MPI here, so the default of
-  20 ms keeps it as small beside a stage's work as it is for real stages);
+  chunks), so P ranks on fewer cores measure the schedule alone. The
+  formula counts no time for messages; a hop costs 0.05-0.2 ms here (a
+  message that a rank has waited on for milliseconds arrives 50-100 us late
+  on this VM even in raw MPI), so the default of 40 ms keeps the messages as
+  small beside a stage's work as the formula assumes;
 - in both modes the measured bubble, the idle share of a step: 1 - (a rank's
   forward and backward seconds per step, mean over ranks) / step time,
   against GPipe's and 1F1B's (P - 1) / (M + P - 1) and interleaved's
@@ -134,13 +136,14 @@ def _ours(args: argparse.Namespace, comm: Any, kind: str, micro: int, sleep: boo
     y = rng.integers(0, CLASSES, args.batch)
     fed = pipeline.shard is not None
     computing = []  # compute seconds of the warm-up, then of the timed steps
+    steps, warmup = (args.sleep_steps, 1) if sleep else (args.steps, args.warmup)  # sleeps barely vary
     step_s = _time_steps(
         lambda: pipeline.step(x if fed else None, y if fed else None),
-        args.warmup,
-        args.steps,
+        warmup,
+        steps,
         lambda: computing.append(pipeline.stats["compute_s"]),
     )
-    busy = (pipeline.stats["compute_s"] - computing[0]) / args.steps
+    busy = (pipeline.stats["compute_s"] - computing[0]) / steps
     stats = pipeline.stats
     activations = comm.allgather_object((stats["activation_bytes"], stats["peak_live_rank"]))
     busy_ms = 1e3 * float(np.mean(comm.allgather_object(busy)))
@@ -236,6 +239,7 @@ def driver(args: argparse.Namespace) -> int:
     for stages in [int(p) for p in args.stages.split(",")]:
         flags = ["--batch", str(args.batch), "--micro", args.micro, "--steps", str(args.steps), "--warmup",
                  str(args.warmup), "--repeat", str(args.repeat), "--sleep-ms", str(args.sleep_ms),
+                 "--sleep-steps", str(args.sleep_steps),
                  "--threads", str(args.threads)] + (["--no-torch"] if args.no_torch else [])  # fmt: skip
         command = mpiexec_command(stages, sys.executable, os.path.abspath(__file__), "--worker", *flags)
         done = subprocess.run(
@@ -292,7 +296,8 @@ def summarise(records: list[dict]) -> list[dict]:
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"# pipeline schedules: MLP 784-1024-1024-10 float32, batch {args.batch} per pipeline, {args.threads} "
           f"thread(s) per rank; sleep stages: {args.sleep_ms} ms forward / {2 * args.sleep_ms} ms backward per "
-          f"micro-batch per rank; medians of {args.repeat} round(s) of {args.steps} steps")  # fmt: skip
+          f"micro-batch per rank; medians of {args.repeat} round(s) of {args.steps} steps "
+          f"({args.sleep_steps} with sleep stages)")  # fmt: skip
     print(f"# {'mode':>7} {'framework':>9} {'schedule':>11} {'P':>2} {'M':>2} {'V':>2} {'step_ms':>8} "
           f"{'range_ms':>15} {'vs_torch':>8} {'bubble':>7} {'formula':>7} {'off%':>6} {'live/stage':>12} "
           f"{'act_KiB/stage':>22}")  # fmt: skip
@@ -354,15 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration and round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every configuration, interleaved")
-    parser.add_argument("--sleep-ms", type=float, default=20.0, help="sleep stages: forward ms per micro-batch")
+    parser.add_argument("--sleep-ms", type=float, default=40.0, help="sleep stages: forward ms per micro-batch")
+    parser.add_argument("--sleep-steps", type=int, default=4, help="timed steps of sleep stages (after 1 untimed)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS / torch threads per rank")
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per job")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeat < 1 or args.steps < 1:
-        parser.error("--repeat and --steps must be at least 1")
+    if min(args.repeat, args.steps, args.sleep_steps) < 1:
+        parser.error("--repeat, --steps and --sleep-steps must be at least 1")
     if args.worker:
         worker(args)
         return 0

@@ -134,7 +134,8 @@ def test_training_benchmark_reports_throughput_and_breakdown(tmp_path) -> None:
 def test_pipeline_benchmark_measures_every_schedule_against_its_formula(tmp_path) -> None:
     out = tmp_path / "pipeline.json"
     done = run_mpitrain(1, "bench", "pipeline", "--stages", "2", "--micro", "1,2", "--steps", "2", "--warmup", "1",
-                        "--repeat", "2", "--batch", "16", "--sleep-ms", "2", "--json", str(out))  # fmt: skip
+                        "--repeat", "2", "--batch", "16", "--sleep-ms", "2", "--sleep-steps", "2",
+                        "--json", str(out))  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [r for r in json.loads(out.read_text())["rows"] if r["framework"] == "mpitrain"]
     found = {(r["mode"], r["schedule"], r["micro"]) for r in rows}
