@@ -50,8 +50,8 @@ train: install
 	$(TRAINRUN) $(NP) $(PYTHON) -m mpitrain train $(ARGS)
 
 lint: install
-	$(PYTHON) -m ruff check mpitrain benchmarks tests
-	$(PYTHON) -m ruff format --check mpitrain benchmarks tests
+	$(PYTHON) -m ruff check mpitrain benchmarks tests examples
+	$(PYTHON) -m ruff format --check mpitrain benchmarks tests examples
 
 test: lint
 	@set -e; for n in $(RANKS); do \

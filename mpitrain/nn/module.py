@@ -362,8 +362,13 @@ class Sequential(Module):
             self.train(mode)
         return total // max(1, len(sample))
 
+    def backward_stop(self) -> int:
+        """The lowest layer index a backward runs (and reports to ``after_backward``): 0, or the first
+        layer with parameters when no input gradient is needed."""
+        return 0 if self.need_input_grad else self._first_parametric()
+
     def backward(self, grad: Any) -> Any:
-        stop = 0 if self.need_input_grad else self._first_parametric()
+        stop = self.backward_stop()
         fused = self._fused_at
         for index in range(len(self.layers) - 1, stop - 1, -1):
             layer = self.layers[index]
