@@ -4,11 +4,15 @@ process on the whole batch."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from mpi4py import MPI
 
 import mpitrain as mt
+from mpitrain.jobs import child_environment, mpiexec_command
 from mpitrain.nn import SoftmaxCrossEntropy, build_model
 from mpitrain.optim import SGD, Adam
 
@@ -184,3 +188,16 @@ def test_distributed_optimizer_refuses_an_early_step_and_skips_non_finite_gradie
     optimizer.close()
     with pytest.raises(ValueError, match="op 'mean' or 'sum'"):
         mt.DistributedOptimizer(SGD(model.flat_params, model.flat_grads, 0.1), model, op="max")
+
+
+def test_a_call_that_some_ranks_never_make_ends_the_job_naming_them(tmp_path) -> None:
+    script = tmp_path / "partial.py"
+    script.write_text(
+        "import time\nimport numpy as np\nimport mpitrain as mt\n"
+        "mt.init(timeout=3)\n"
+        "if mt.rank() == 0:\n    mt.allreduce(np.ones(3))\nelse:\n    time.sleep(60)\n"
+    )
+    command = mpiexec_command(2, sys.executable, str(script))
+    done = subprocess.run(command, capture_output=True, text=True, env=child_environment(50), timeout=60, check=False)
+    assert done.returncode != 0
+    assert "allreduce #1 has not completed" in done.stderr and "have not entered it: [1]" in done.stderr, done.stderr
