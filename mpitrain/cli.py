@@ -16,9 +16,10 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+import mpi4py
 from mpi4py import MPI
 
-from mpitrain import backend, faults, threads
+from mpitrain import __version__, backend, checkpoint, faults, threads
 from mpitrain.cli_types import fraction, hidden, nonneg_float, nonneg_int, positive_float, positive_int
 from mpitrain.comm import Communicator, Tuning, mark_all_ranks, raised_on_all_ranks
 from mpitrain.comm.watchdog import GRACE, abort_job
@@ -90,7 +91,8 @@ def _train_parser(prog: str) -> _Parser:
                    help="steps between checkpoints (and every epoch end)")  # fmt: skip
     p.add_argument("--keep", type=positive_int, default=d.keep, help="checkpoints kept (default %(default)s)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue from the newest valid checkpoint in PATH (default: --checkpoint-dir)")  # fmt: skip
+                   help="continue from the newest valid checkpoint in PATH (default: --checkpoint-dir); "
+                        "'auto': from --checkpoint-dir if it holds one, else start fresh")  # fmt: skip
     p.add_argument(
         "--init-from",
         default=None,
@@ -173,10 +175,17 @@ def _run_bench(args: argparse.Namespace, comm: Communicator) -> None:
 
 def _run_train(args: argparse.Namespace, comm: Communicator) -> None:
     count = threads.limit_threads(comm.local_size, args.threads)
-    if args.resume == "":
+    if args.resume in ("", "auto"):
         if not args.checkpoint_dir:
-            raise UsageError("python -m mpitrain train: error: --resume needs a PATH or --checkpoint-dir")
-        args.resume = args.checkpoint_dir
+            needs = (
+                "--resume auto needs --checkpoint-dir" if args.resume else "--resume needs a PATH or --checkpoint-dir"
+            )
+            raise UsageError(f"python -m mpitrain train: error: {needs}")
+        if args.resume == "auto":  # a requeued batch job: go on where a checkpoint is, else start fresh
+            found = comm.bcast_object(bool(checkpoint.checkpoints(args.checkpoint_dir)) if comm.rank == 0 else None)
+            args.resume = args.checkpoint_dir if found else None
+        else:
+            args.resume = args.checkpoint_dir
     own = {f.name for f in dataclasses.fields(TrainConfig)}
     known = own | {f.name for f in dataclasses.fields(strategy_class(args.strategy).Options)}
     config = train_config(**{k: v for k, v in vars(args).items() if k in known})
@@ -190,8 +199,6 @@ def _run_train(args: argparse.Namespace, comm: Communicator) -> None:
 
 
 def _run_info(args: argparse.Namespace, comm: Communicator) -> None:
-    import mpi4py
-
     count = threads.limit_threads(comm.local_size)
     hosts = comm.allgather_object(MPI.Get_processor_name())
     if comm.rank != 0:
@@ -227,6 +234,10 @@ def parse(argv: Sequence[str], prog: str = "python -m mpitrain") -> argparse.Nam
         UsageError: on every rank, for any bad argument.
     """
     argv = list(argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            print(f"mpitrain {__version__} (mpi4py {mpi4py.__version__}, {MPI.Get_library_version().splitlines()[0]})")
+        raise SystemExit(0)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     if command == "train" and argv[:1] in (["-h"], ["--help"]) and MPI.COMM_WORLD.Get_rank() == 0:
         print(f"usage: {prog} [train|info|bench] [options]; the options of train follow\n")

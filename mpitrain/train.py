@@ -206,6 +206,7 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
 
 def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Dataset, steps_per_epoch: int) -> list:
     leader = comm.rank == 0
+    STATUS.update(step=0, checkpoint=None)
     if config.init_from and not config.resume:
         with comm.agreement():  # a missing or foreign file is one error, on every rank
             strategy.load_parameters(checkpoint.read_parameters(config.init_from, strategy.job.build_model()))
@@ -228,6 +229,7 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
         y_batch = np.empty(config.batch_size, data.y_train.dtype)
     metrics_file = _open_metrics(config) if leader else None
     history: list[dict[str, Any]] = []
+    began, stopped_at = time.perf_counter(), None  # stopped_at: (step, epoch) where --max-steps cut an epoch
     if position.epoch >= config.epochs and leader:
         print(
             f"# the checkpoint is at epoch {position.epoch}, already at or past --epochs {config.epochs}: "
@@ -280,6 +282,7 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
                 _save(config, comm, strategy, Position(epoch, step_in_epoch, position.global_step, totals), run_id)
         bar.close()
         if step_in_epoch < steps_per_epoch:
+            stopped_at = (position.global_step, epoch + 1)
             break  # stopped by max_steps inside the epoch: no evaluation of a partial epoch
         train_time = time.perf_counter() - start
         comm.allreduce(totals, op="sum")
@@ -312,7 +315,23 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
         arrays = strategy.export()
         if leader:
             checkpoint.atomic_save_npz(config.save, arrays)
+    if leader:
+        _summary(config, history, time.perf_counter() - began, stopped_at)
     return history
+
+
+def _summary(config: TrainConfig, history: list[dict[str, Any]], seconds: float, stopped_at: Any) -> None:
+    """The run's last line: where it ended, the final accuracy, its time and speed, and what it wrote."""
+    parts = [f"# done in {seconds:.1f} s"]
+    if history:
+        last = history[-1]
+        speed = float(np.median([r["samples_per_s"] for r in history]))
+        parts[0] += f": epoch {last['epoch']}, test_acc {last['test_acc']:.4f}, {speed:,.0f} samples/s (median epoch)"
+    if stopped_at is not None:
+        parts.append(f"stopped by --max-steps {config.max_steps} at step {stopped_at[0]}, inside epoch {stopped_at[1]}")
+    written = [("metrics", config.metrics), ("model", config.save), ("newest checkpoint", STATUS.get("checkpoint"))]
+    parts += [f"{what} {path}" for what, path in written if path]
+    print("; ".join(parts), flush=True)
 
 
 def _rounds_to_take(config: TrainConfig, global_step: int, left: int) -> int:

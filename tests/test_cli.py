@@ -244,3 +244,34 @@ def test_checkpoints_of_another_run_are_refused_and_a_finished_resume_says_so(tm
     again = run_mpitrain(2, "--no-progress", "--epochs", "2", "--checkpoint-dir", str(tmp_path), "--resume")
     assert again.returncode == 0, again.stderr
     assert "already at or past --epochs 2: nothing left to train" in again.stdout
+
+
+def test_version_is_one_line() -> None:
+    done = run_mpitrain(2, "--version")
+    assert done.returncode == 0 and done.stdout.count("mpitrain 0.") == 1, done.stdout + done.stderr
+
+
+def test_resume_auto_starts_fresh_then_goes_on_and_the_run_ends_with_a_summary(tmp_path) -> None:
+    folder, metrics = str(tmp_path / "ckpt"), str(tmp_path / "run.jsonl")
+    args = (
+        "--no-progress",
+        "--epochs",
+        "2",
+        "--checkpoint-dir",
+        folder,
+        "--checkpoint-every",
+        "10",
+        "--resume",
+        "auto",
+    )
+    first = run_mpitrain(2, *args, "--max-steps", "30", "--metrics", metrics)
+    assert first.returncode == 0, first.stderr
+    assert "resuming" not in first.stdout  # nothing to resume: a fresh start
+    summary = first.stdout.strip().splitlines()[-1]
+    assert summary.startswith("# done in") and "stopped by --max-steps 30 at step 30, inside epoch 2" in summary
+    assert f"metrics {metrics}" in summary and "newest checkpoint " + folder in summary
+    second = run_mpitrain(2, *args)
+    assert second.returncode == 0, second.stderr
+    assert "# resuming from" in second.stdout and "epoch 2, test_acc" in second.stdout.strip().splitlines()[-1]
+    done = run_mpitrain(2, "--resume", "auto")
+    assert done.returncode == 2 and done.stderr.count("--resume auto needs --checkpoint-dir") == 1
