@@ -64,13 +64,22 @@ def atomic_save_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
     Raises:
         FileNotFoundError: the destination folder does not exist.
     """
+    return _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def atomic_write_json(path: str, value: Any) -> str:
+    """Write ``value`` to ``path`` as JSON, atomically as ``atomic_save_npz``; return the file's sha256."""
+    return _atomic_write(path, lambda f: f.write(json.dumps(value, indent=1, default=str).encode()))
+
+
+def _atomic_write(path: str, write: Any) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "w+b") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
             f.seek(0)

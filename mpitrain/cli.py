@@ -23,6 +23,7 @@ from mpitrain import __version__, backend, checkpoint, faults, threads
 from mpitrain.cli_types import fraction, hidden, nonneg_float, nonneg_int, positive_float, positive_int
 from mpitrain.comm import Communicator, Tuning, mark_all_ranks, raised_on_all_ranks
 from mpitrain.comm.watchdog import GRACE, abort_job
+from mpitrain.config_file import config_arguments
 from mpitrain.nn import MODELS
 from mpitrain.optim import OPTIMIZERS, SCHEDULES
 from mpitrain.parallel import STRATEGIES, options_for, strategy_class
@@ -63,6 +64,7 @@ def _train_parser(prog: str) -> _Parser:
         epilog=TRAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--config", default=None, metavar="RUN.toml", help="train options from a TOML file (flags override)")
     p.add_argument("--model", choices=MODELS, default=d.model, help="model (default %(default)s)")
     p.add_argument("--hidden", type=hidden, default=d.hidden, help="hidden sizes, e.g. 128,64")
     p.add_argument("--dropout", type=fraction, default=d.dropout, help="dropout after hidden layers (default 0)")
@@ -145,6 +147,21 @@ def _check_strategy_flags(parser: _Parser, argv: Sequence[str], args: argparse.N
         strategy_class(args.strategy).validate(options, args.batch_size, MPI.COMM_WORLD.Get_size())
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def _with_config(parser: _Parser, argv: list[str]) -> list[str]:
+    """``argv`` after the flags its ``--config`` file stands for (so the command line's own come last and win)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    path = pre.parse_known_args(argv)[0].config
+    if path is None:
+        return argv
+    tokens: list[str] = []
+    try:
+        tokens = config_arguments(parser, path)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))  # raises the usage error
+    return tokens + argv
 
 
 def _info_parser(prog: str) -> _Parser:
@@ -242,6 +259,8 @@ def parse(argv: Sequence[str], prog: str = "python -m mpitrain") -> argparse.Nam
     if command == "train" and argv[:1] in (["-h"], ["--help"]) and MPI.COMM_WORLD.Get_rank() == 0:
         print(f"usage: {prog} [train|info|bench] [options]; the options of train follow\n")
     parser = COMMANDS[command][0](prog)
+    if command == "train":
+        argv = _with_config(parser, argv)
     args = parser.parse_args(argv)
     args.command = command
     if command == "train":

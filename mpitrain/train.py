@@ -229,7 +229,7 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
         y_batch = np.empty(config.batch_size, data.y_train.dtype)
     metrics_file = _open_metrics(config) if leader else None
     history: list[dict[str, Any]] = []
-    began, stopped_at = time.perf_counter(), None  # stopped_at: (step, epoch) where --max-steps cut an epoch
+    run_began, stopped_at = time.perf_counter(), None  # stopped_at: (step, epoch) where --max-steps cut an epoch
     if position.epoch >= config.epochs and leader:
         print(
             f"# the checkpoint is at epoch {position.epoch}, already at or past --epochs {config.epochs}: "
@@ -316,13 +316,13 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
         if leader:
             checkpoint.atomic_save_npz(config.save, arrays)
     if leader:
-        _summary(config, history, time.perf_counter() - began, stopped_at)
+        _summary(config, history, time.perf_counter() - run_began, stopped_at)
     return history
 
 
 def _summary(config: TrainConfig, history: list[dict[str, Any]], seconds: float, stopped_at: Any) -> None:
     """The run's last line: where it ended, the final accuracy, its time and speed, and what it wrote."""
-    parts = [f"# done in {seconds:.1f} s"]
+    parts = [f"# done in {seconds:.2f} s"]
     if history:
         last = history[-1]
         speed = float(np.median([r["samples_per_s"] for r in history]))
@@ -340,10 +340,20 @@ def _rounds_to_take(config: TrainConfig, global_step: int, left: int) -> int:
     return min(left, every - global_step % every) if every else left
 
 
+def _changed(config: TrainConfig) -> dict[str, Any]:
+    """The effective options that differ from the defaults (the loop's and the strategy's), by name."""
+    mine, defaults = _json(config), _json(TrainConfig(strategy=config.strategy))
+    changed = {k: v for k, v in mine.items() if k != "options" and v != defaults[k] and k != "progress"}
+    changed.update({k: v for k, v in mine["options"].items() if v != defaults["options"][k]})
+    return changed
+
+
 def _open_metrics(config: TrainConfig) -> Any:
-    """The --metrics file (appended to on a resume), or None; rank 0 writes it."""
+    """The --metrics file (appended to on a resume), or None; rank 0 writes it, and beside it
+    ``FILE.config.json``: the run's whole effective configuration."""
     if not config.metrics:
         return None
+    checkpoint.atomic_write_json(os.path.splitext(config.metrics)[0] + ".config.json", _json(config))
     return open(config.metrics, "a" if config.resume else "w")  # closed at the end of _run
 
 
@@ -356,6 +366,10 @@ def _header(config: TrainConfig, comm: Communicator, strategy: Strategy, data: D
         f"strategy {config.strategy}",
         flush=True,
     )
+    changed = _changed(config)
+    if changed:
+        shown = (f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in changed.items())
+        print("# options: " + " ".join(shown), flush=True)
     layout = strategy.describe()
     if layout:
         print(f"# {layout}", flush=True)
@@ -481,6 +495,13 @@ def _restore(config: TrainConfig, comm: Communicator, strategy: Strategy, steps_
     return position, found.run_id
 
 
+def _plain(value: Any) -> Any:
+    """A record's value as JSON takes it: ints stay ints, lists (per-stage counts) stay lists, the rest floats."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, int) else float(value)
+
+
 def _report(record: dict[str, Any], metrics_file: Any) -> None:
     print(
         f"epoch {record['epoch']:3d}  loss {record['loss']:.4f}  train_acc {record['train_acc']:.4f}  "
@@ -488,7 +509,7 @@ def _report(record: dict[str, Any], metrics_file: Any) -> None:
         flush=True,
     )
     if metrics_file is not None:
-        metrics_file.write(json.dumps({k: v if isinstance(v, int) else float(v) for k, v in record.items()}) + "\n")
+        metrics_file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
         metrics_file.flush()
 
 

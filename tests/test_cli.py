@@ -275,3 +275,37 @@ def test_resume_auto_starts_fresh_then_goes_on_and_the_run_ends_with_a_summary(t
     assert "# resuming from" in second.stdout and "epoch 2, test_acc" in second.stdout.strip().splitlines()[-1]
     done = run_mpitrain(2, "--resume", "auto")
     assert done.returncode == 2 and done.stderr.count("--resume auto needs --checkpoint-dir") == 1
+
+
+def test_a_toml_config_sets_options_and_flags_override_it(tmp_path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'strategy = "pipeline"\nmicro-batches = 2\nepochs = 1\nhidden = [16, 8]\nlr = 0.5\nprogress = false\n'
+        "nesterov = true\n"
+    )
+    metrics = tmp_path / "run.jsonl"
+    done = run_mpitrain(2, "--config", str(config), "--lr", "0.02", "--metrics", str(metrics))
+    assert done.returncode == 0, done.stderr
+    options = next(line for line in done.stdout.splitlines() if line.startswith("# options: "))
+    for shown in ("epochs=1", "hidden=16,8", "lr=0.02", "nesterov=True", "micro_batches=2"):
+        assert shown in options, options
+    saved = json.loads((tmp_path / "run.config.json").read_text())
+    assert saved["lr"] == 0.02 and saved["hidden"] == [16, 8] and saved["options"]["micro_batches"] == 2
+    assert "strategy pipeline" in done.stdout and "\r" not in done.stderr  # progress = false
+    record = json.loads(metrics.read_text().splitlines()[0])
+    assert record["epoch"] == 1 and len(record["peak_live"]) == 1  # a pipeline's per-stage counts, as lists
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("epoch = 3\n", "unknown option 'epoch'; the nearest option is 'epochs'"),
+        ("nesterov = 1\n", "nesterov takes true or false, got 1"),
+        ("epochs = [\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_config_file_is_one_usage_error(tmp_path, text: str, message: str) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+    done = run_mpitrain(2, "--config", str(config))
+    assert done.returncode == 2 and done.stderr.count(message) == 1, done.stderr
