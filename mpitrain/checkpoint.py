@@ -64,15 +64,17 @@ def atomic_save_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
     Raises:
         FileNotFoundError: the destination folder does not exist.
     """
-    return _atomic_write(path, lambda f: np.savez(f, **arrays))
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def atomic_write_json(path: str, value: Any) -> str:
     """Write ``value`` to ``path`` as JSON, atomically as ``atomic_save_npz``; return the file's sha256."""
-    return _atomic_write(path, lambda f: f.write(json.dumps(value, indent=1, default=str).encode()))
+    return atomic_write(path, lambda f: f.write(json.dumps(value, indent=1, default=str).encode()))
 
 
-def _atomic_write(path: str, write: Any) -> str:
+def atomic_write(path: str, write: Any) -> str:
+    """Write ``path`` through ``write(file)`` into a temporary file in the same folder, fsync, rename;
+    return the file's sha256 (a reader sees the old file or the whole new one)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{path}: folder {folder} does not exist")

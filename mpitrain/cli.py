@@ -19,7 +19,7 @@ from typing import Any
 import mpi4py
 from mpi4py import MPI
 
-from mpitrain import __version__, backend, checkpoint, faults, threads
+from mpitrain import __version__, backend, checkpoint, faults, inference, threads
 from mpitrain.cli_types import fraction, hidden, nonneg_float, nonneg_int, positive_float, positive_int
 from mpitrain.comm import Communicator, Tuning, mark_all_ranks, raised_on_all_ranks
 from mpitrain.comm.watchdog import GRACE, abort_job
@@ -236,8 +236,46 @@ def _run_info(args: argparse.Namespace, comm: Communicator) -> None:
         print(f"thread pool:   {line}")
 
 
+def _evaluate_parser(prog: str) -> _Parser:
+    p = _Parser(prog=f"{prog} evaluate", description="Loss, accuracy and confusion matrix of a --save file.")
+    p.add_argument("--model-file", required=True, metavar="FILE.npz", help="what train --save wrote")
+    p.add_argument("--dataset", default="digits", help="digits (default), synthetic, or a Keras-layout .npz")
+    return p
+
+
+def _run_evaluate(args: argparse.Namespace, comm: Communicator) -> None:
+    threads.limit_threads(comm.local_size)
+    result = inference.evaluate(comm, args.model_file, args.dataset)
+    if result is not None:
+        print(f"{args.model_file} on {args.dataset}: loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  "
+              f"({result['samples']} test samples)")  # fmt: skip
+        confusion = result["confusion"]
+        width = max(5, len(str(confusion.max())) + 1)
+        print("confusion (rows: true class, columns: predicted)")
+        print("     " + "".join(f"{c:>{width}}" for c in range(len(confusion))))
+        for c, row in enumerate(confusion):
+            print(f"{c:>5}" + "".join(f"{v:>{width}}" for v in row))
+
+
+def _predict_parser(prog: str) -> _Parser:
+    p = _Parser(prog=f"{prog} predict", description="Predicted labels of a --save file's model for new samples.")
+    p.add_argument("--model-file", required=True, metavar="FILE.npz", help="what train --save wrote")
+    p.add_argument("--input", required=True, metavar="X.npz", help="samples: an array named x (or the only one)")
+    p.add_argument("--output", required=True, metavar="LABELS.npy", help="written by rank 0")
+    return p
+
+
+def _run_predict(args: argparse.Namespace, comm: Communicator) -> None:
+    threads.limit_threads(comm.local_size)
+    count = inference.predict(comm, args.model_file, args.input, args.output)
+    if comm.rank == 0:
+        print(f"# {count} labels written to {args.output}")
+
+
 COMMANDS = {
     "train": (_train_parser, _run_train),
+    "evaluate": (_evaluate_parser, _run_evaluate),
+    "predict": (_predict_parser, _run_predict),
     "info": (_info_parser, _run_info),
     "bench": (_bench_parser, _run_bench),
 }
@@ -257,7 +295,7 @@ def parse(argv: Sequence[str], prog: str = "python -m mpitrain") -> argparse.Nam
         raise SystemExit(0)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     if command == "train" and argv[:1] in (["-h"], ["--help"]) and MPI.COMM_WORLD.Get_rank() == 0:
-        print(f"usage: {prog} [train|info|bench] [options]; the options of train follow\n")
+        print(f"usage: {prog} [{'|'.join(COMMANDS)}] [options]; the options of train follow\n")
     parser = COMMANDS[command][0](prog)
     if command == "train":
         argv = _with_config(parser, argv)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mpitrain import backend, checkpoint, faults
+from mpitrain import backend, checkpoint, faults, inference
 from mpitrain.comm import Communicator, mark_all_ranks, raised_on_all_ranks
 from mpitrain.data import Dataset, ShardedBatches, eval_shard, load_dataset
 from mpitrain.nn import SoftmaxCrossEntropy, build_model
@@ -313,8 +313,9 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
     if config.save:
         strategy.sync()
         arrays = strategy.export()
-        if leader:
-            checkpoint.atomic_save_npz(config.save, arrays)
+        if leader:  # the architecture too, so evaluate / predict need no model flags
+            spec = (config.model, config.hidden, config.dropout, data.sample_shape, data.num_classes, config.dtype)
+            checkpoint.atomic_save_npz(config.save, arrays | inference.architecture_entry(*spec, _json(config)))
     if leader:
         _summary(config, history, time.perf_counter() - run_began, stopped_at)
     return history

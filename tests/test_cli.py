@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mpitrain.cli import UsageError, parse
+from mpitrain.inference import ARCHITECTURE
 from mpitrain.jobs import child_environment, mpiexec_command
 from mpitrain.parallel.schedules import SCHEDULES
 from tests.conftest import run_mpitrain
@@ -30,7 +31,8 @@ def test_default_job_at_two_ranks_trains_and_writes_outputs(tmp_path) -> None:
     assert {"epoch", "loss", "train_acc", "test_acc", "samples_per_s", "time_s"} <= set(records[-1])
     assert records[-1]["test_acc"] >= 0.95
     with np.load(saved) as params:
-        assert sorted(params.files) == ["1.bias", "1.weight", "3.bias", "3.weight", "5.bias", "5.weight"]
+        names = ["1.bias", "1.weight", "3.bias", "3.weight", "5.bias", "5.weight"]
+        assert sorted(params.files) == sorted([*names, ARCHITECTURE])  # the parameters and how to rebuild them
         assert params["1.weight"].shape == (64, 128)
 
 
