@@ -19,7 +19,7 @@ from typing import Any
 import mpi4py
 from mpi4py import MPI
 
-from mpitrain import __version__, backend, checkpoint, faults, inference, threads
+from mpitrain import __version__, backend, checkpoint, faults, inference, plot, threads
 from mpitrain.cli_types import fraction, hidden, nonneg_float, nonneg_int, positive_float, positive_int
 from mpitrain.comm import Communicator, Tuning, mark_all_ranks, raised_on_all_ranks
 from mpitrain.comm.watchdog import GRACE, abort_job
@@ -272,10 +272,26 @@ def _run_predict(args: argparse.Namespace, comm: Communicator) -> None:
         print(f"# {count} labels written to {args.output}")
 
 
+def _plot_parser(prog: str) -> _Parser:
+    p = _Parser(prog=f"{prog} plot", description="Loss and accuracy curves of --metrics files, one line per run.")
+    p.add_argument("runs", nargs="+", metavar="RUN.jsonl", help="what train --metrics wrote")
+    p.add_argument("-o", "--output", default="curves.png", help="the image (default %(default)s)")
+    return p
+
+
+def _run_plot(args: argparse.Namespace, comm: Communicator) -> None:
+    with comm.agreement():
+        if comm.rank == 0:
+            plot.plot(args.runs, args.output)
+    if comm.rank == 0:
+        print(f"# {len(args.runs)} run(s) drawn in {args.output}")
+
+
 COMMANDS = {
     "train": (_train_parser, _run_train),
     "evaluate": (_evaluate_parser, _run_evaluate),
     "predict": (_predict_parser, _run_predict),
+    "plot": (_plot_parser, _run_plot),
     "info": (_info_parser, _run_info),
     "bench": (_bench_parser, _run_bench),
 }

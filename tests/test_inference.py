@@ -61,3 +61,19 @@ def test_the_commands_need_no_model_flags(tmp_path) -> None:
     np.savez(plain, w=np.zeros(3))
     refused = run_mpitrain(2, "evaluate", "--model-file", plain)
     assert refused.returncode == 1 and refused.stderr.count("holds no architecture") == 1
+
+
+def test_plot_draws_the_runs_of_metrics_files(tmp_path) -> None:
+    runs = [str(tmp_path / name) for name in ("a.jsonl", "b.jsonl")]
+    for path, strategy in zip(runs, ("allreduce", "local-sgd"), strict=True):
+        done = run_mpitrain(2, "--epochs", "2", "--no-progress", "--strategy", strategy, "--metrics", path)
+        assert done.returncode == 0, done.stderr
+    image = str(tmp_path / "curves.png")
+    done = run_mpitrain(1, "plot", *runs, "-o", image)
+    assert done.returncode == 0 and "2 run(s) drawn" in done.stdout, done.stderr
+    with open(image, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"epoch": 1, "loss": 0.5}\nnot json\n')
+    refused = run_mpitrain(1, "plot", str(bad), "-o", image)
+    assert refused.returncode == 1 and "bad.jsonl line 2: not an epoch record" in refused.stderr
