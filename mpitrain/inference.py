@@ -19,7 +19,7 @@ from mpitrain import checkpoint
 from mpitrain.comm import Communicator
 from mpitrain.data import eval_shard, load_dataset
 from mpitrain.nn import Sequential, SoftmaxCrossEntropy, build_model
-from mpitrain.parallel.base import assign_parameters, from_json_array, json_array
+from mpitrain.parallel.base import from_json_array, json_array
 
 ARCHITECTURE = "mpitrain/architecture"
 BATCH = 1024
@@ -58,7 +58,7 @@ def load(path: str) -> Saved:
     model = build_model(spec["model"], spec["input_shape"], spec["num_classes"], tuple(spec["hidden"]),
                         dropout=spec["dropout"])  # fmt: skip
     model.init_params(dtype=np.dtype(spec["dtype"]))
-    assign_parameters(model, arrays)
+    model.load_state_dict(arrays)
     return Saved(model.eval(), spec)
 
 

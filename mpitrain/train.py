@@ -245,7 +245,7 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
             total=steps_per_epoch,
             initial=first,
             desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not (leader and config.progress),
+            disable=not (leader and config.progress and sys.stderr.isatty()),  # a log file gets no bar fragments
             leave=False,
             file=sys.stderr,
         )

@@ -248,6 +248,11 @@ def test_checkpoints_of_another_run_are_refused_and_a_finished_resume_says_so(tm
     assert "already at or past --epochs 2: nothing left to train" in again.stdout
 
 
+def test_no_progress_bar_fragments_when_stderr_is_not_a_terminal() -> None:
+    done = run_mpitrain(2, "--epochs", "2")  # progress on, stderr a pipe
+    assert done.returncode == 0 and "epoch 1/2" not in done.stderr and "\r" not in done.stderr, done.stderr[-500:]
+
+
 def test_version_is_one_line() -> None:
     done = run_mpitrain(2, "--version")
     assert done.returncode == 0 and done.stdout.count("mpitrain 0.") == 1, done.stdout + done.stderr
@@ -282,8 +287,7 @@ def test_resume_auto_starts_fresh_then_goes_on_and_the_run_ends_with_a_summary(t
 def test_a_toml_config_sets_options_and_flags_override_it(tmp_path) -> None:
     config = tmp_path / "run.toml"
     config.write_text(
-        'strategy = "pipeline"\nmicro-batches = 2\nepochs = 1\nhidden = [16, 8]\nlr = 0.5\nprogress = false\n'
-        "nesterov = true\n"
+        'strategy = "pipeline"\nmicro-batches = 2\nepochs = 1\nhidden = [16, 8]\nlr = 0.5\nnesterov = true\n'
     )
     metrics = tmp_path / "run.jsonl"
     done = run_mpitrain(2, "--config", str(config), "--lr", "0.02", "--metrics", str(metrics))
@@ -293,7 +297,7 @@ def test_a_toml_config_sets_options_and_flags_override_it(tmp_path) -> None:
         assert shown in options, options
     saved = json.loads((tmp_path / "run.config.json").read_text())
     assert saved["lr"] == 0.02 and saved["hidden"] == [16, 8] and saved["options"]["micro_batches"] == 2
-    assert "strategy pipeline" in done.stdout and "\r" not in done.stderr  # progress = false
+    assert "strategy pipeline" in done.stdout
     record = json.loads(metrics.read_text().splitlines()[0])
     assert record["epoch"] == 1 and len(record["peak_live"]) == 1  # a pipeline's per-stage counts, as lists
 

@@ -377,3 +377,19 @@ def test_lazy_zero_grad_gives_the_gradients_of_an_eager_one(model, shape, pieces
         grads.append(net.flat_grads.copy())
     np.testing.assert_array_equal(grads[1], grads[0])
     assert np.isfinite(grads[0]).all()
+
+
+def test_state_dict_round_trips_by_name_and_refuses_another_architecture() -> None:
+    source = build_model("mlp", (1, 8, 8), 10, (16,)).init_params(seed=1)
+    target = build_model("mlp", (1, 8, 8), 10, (16,)).init_params(seed=2, dtype=np.float64)
+    state = source.state_dict()
+    assert set(state) == {name for name, _ in source.named_parameters()}
+    target.load_state_dict(state)
+    np.testing.assert_array_equal(target.flat_params, source.flat_params.astype(np.float64))
+    state["1.weight"][0, 0] += 1  # a copy, not a view of the model
+    assert state["1.weight"][0, 0] != source.state_dict()["1.weight"][0, 0]
+    wider = build_model("mlp", (1, 8, 8), 10, (32,)).init_params()
+    with pytest.raises(ValueError, match=r"parameter '1.weight' is \(64, 16\) in the file, \(64, 32\) in this model"):
+        wider.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"the parameters to load have no '3\.bias'"):
+        target.load_state_dict({k: v for k, v in state.items() if k != "3.bias"})

@@ -267,6 +267,24 @@ class Module:
         """Total number of trainable elements."""
         return sum(p.size for p in self.parameters())
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Host copies of every parameter by dotted name (what ``--save`` writes; loads at any rank count)."""
+        return {name: backend.to_host(p.data).copy() for name, p in self.named_parameters()}
+
+    def load_state_dict(self, named: dict[str, Any]) -> None:
+        """Copy ``named`` arrays into the parameters of those names (other keys are ignored).
+
+        Raises:
+            ValueError: a parameter is missing from ``named`` or has another shape there.
+        """
+        for name, p in self.named_parameters():
+            if name not in named:
+                raise ValueError(f"the parameters to load have no {name!r} (they hold {', '.join(sorted(named))})")
+            value = np.asarray(backend.to_host(named[name]))
+            if value.shape != p.shape:
+                raise ValueError(f"parameter {name!r} is {value.shape} in the file, {p.shape} in this model")
+            p.data[...] = backend.to_device(value.astype(p.data.dtype), backend.array_module_of(p.data))
+
 
 class Sequential(Module):
     """Layers applied in order; backward runs them in reverse.

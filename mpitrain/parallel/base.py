@@ -214,24 +214,7 @@ def load_optimizer(optimizer: Optimizer, arrays: dict[str, np.ndarray], steps: i
 
 def exported(comm: Communicator, model: Module) -> dict[str, np.ndarray] | None:
     """``Strategy.export`` of a model held whole: its parameters by name, host copies, on rank 0."""
-    if comm.rank != 0:
-        return None
-    return {name: backend.to_host(p.data).copy() for name, p in model.named_parameters()}
-
-
-def assign_parameters(model: Module, named: dict[str, np.ndarray]) -> None:
-    """Copy ``named`` arrays (a whole model's, by dotted name) into ``model``'s parameters of those names.
-
-    Raises:
-        ValueError: a parameter of ``model`` is missing from ``named`` or has another shape.
-    """
-    for name, p in model.named_parameters():
-        if name not in named:
-            raise ValueError(f"the parameters to load have no {name!r} (they hold {', '.join(sorted(named))})")
-        value = np.asarray(named[name])
-        if value.shape != p.shape:
-            raise ValueError(f"parameter {name!r} is {value.shape} in the file, {p.shape} in this model")
-        p.data[...] = backend.to_device(value.astype(p.data.dtype), backend.array_module_of(p.data))
+    return model.state_dict() if comm.rank == 0 else None
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

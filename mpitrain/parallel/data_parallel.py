@@ -31,7 +31,6 @@ from mpitrain.parallel.base import (
     State,
     Strategy,
     Sums,
-    assign_parameters,
     exported,
     from_json_array,
     json_array,
@@ -319,7 +318,7 @@ class AllReduce(Strategy):
             self.model.set_random_state(from_json_array(state.local["random_state"]))
 
     def load_parameters(self, named: dict[str, np.ndarray]) -> None:
-        assign_parameters(self.model, named)
+        self.model.load_state_dict(named)
 
     def export(self) -> dict[str, np.ndarray] | None:
         return exported(self.comm, self.model)

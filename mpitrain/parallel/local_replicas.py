@@ -28,7 +28,6 @@ from mpitrain.parallel.base import (
     State,
     Strategy,
     Sums,
-    assign_parameters,
     exported,
     from_json_array,
     json_array,
@@ -125,8 +124,8 @@ class LocalReplicas(Strategy):
         self.model.set_random_state(from_json_array(state.local["random_state"]))
 
     def load_parameters(self, named: dict[str, np.ndarray]) -> None:
-        assign_parameters(self.model, named)
-        assign_parameters(self.consensus_model, named)
+        self.model.load_state_dict(named)
+        self.consensus_model.load_state_dict(named)
 
     def export(self) -> dict[str, np.ndarray] | None:
         return exported(self.comm, self.consensus_model)

@@ -40,7 +40,6 @@ from mpitrain.parallel.base import (
     State,
     Strategy,
     Sums,
-    assign_parameters,
     exported,
     load_optimizer,
     optimizer_arrays,
@@ -221,7 +220,7 @@ class ParameterServer(Strategy):
             self.server.restore(counters[self.server.index])
 
     def load_parameters(self, named: dict[str, np.ndarray]) -> None:
-        assign_parameters(self.model, named)  # a server's range is a view of these parameters
+        self.model.load_state_dict(named)  # a server's range is a view of these parameters
 
     def export(self) -> dict[str, np.ndarray] | None:
         return exported(self.comm, self.model)

@@ -52,7 +52,6 @@ from mpitrain.parallel.base import (
     State,
     Strategy,
     Sums,
-    assign_parameters,
     from_json_array,
     json_array,
     load_optimizer,
@@ -554,7 +553,7 @@ class Pipeline(Strategy):
             flat[a:b] = backend.to_device(np.asarray(whole[c:d]), self.job.xp)
 
     def load_parameters(self, named: dict[str, np.ndarray]) -> None:
-        assign_parameters(self.model, named)
+        self.model.load_state_dict(named)
 
     def export(self) -> dict[str, np.ndarray] | None:
         wholes = self._gather([self.model.flat_params])
