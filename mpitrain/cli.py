@@ -79,6 +79,8 @@ def _train_parser(prog: str) -> _Parser:
     p.add_argument("--weight-decay", type=nonneg_float, default=d.weight_decay, help="default %(default)s")
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="LR schedule (default %(default)s)")
     p.add_argument("--warmup-steps", type=nonneg_int, default=d.warmup_steps, help="linear LR warm-up steps")
+    p.add_argument("--scale-lr", action="store_true",
+                   help="lr x data-parallel ranks, warmed up over the first 5 epochs (Goyal et al.)")  # fmt: skip
     p.add_argument("--step-size", type=nonneg_int, default=d.step_size, help="steps between decays (step schedule)")
     p.add_argument("--gamma", type=positive_float, default=d.gamma, help="decay factor (step schedule)")
     p.add_argument("--seed", type=nonneg_int, default=d.seed, help="default %(default)s")

@@ -51,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"
     warmup_steps: int = 0
+    scale_lr: bool = False
     step_size: int = 0
     gamma: float = 0.1
     seed: int = 0
@@ -133,12 +134,25 @@ class Position:
     totals: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
 
-def _job(config: TrainConfig, data: Dataset, comm: Communicator, total_steps: int) -> Job:
+SCALE_LR_WARMUP_EPOCHS = 5  # Goyal et al. 2017: a gradual warm-up over the first 5 epochs
+
+
+def scaled_lr(config: TrainConfig, shards: int, steps_per_epoch: int) -> tuple[float, int]:
+    """(learning rate, warm-up steps) of the run: with ``--scale-lr``, lr x the data-parallel ranks
+    (``shards``), warmed up linearly over the first 5 epochs unless ``--warmup-steps`` is given."""
+    if not config.scale_lr:
+        return config.lr, config.warmup_steps
+    warmup = config.warmup_steps or min(SCALE_LR_WARMUP_EPOCHS, max(1, config.epochs - 1)) * steps_per_epoch
+    return config.lr * shards, warmup
+
+
+def _job(config: TrainConfig, data: Dataset, comm: Communicator, total_steps: int, shards: int = 1) -> Job:
     xp = backend.get_array_module(config.backend)
+    lr, warmup = scaled_lr(config, shards, total_steps // max(1, config.epochs))
     schedule = LRSchedule(
-        config.lr,
+        lr,
         kind=config.schedule,
-        warmup_steps=config.warmup_steps,
+        warmup_steps=warmup,
         total_steps=total_steps,
         step_size=config.step_size,
         gamma=config.gamma,
@@ -192,7 +206,7 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
         data = load_dataset(config.dataset, seed=config.seed, synthetic_samples=config.synthetic_samples)
         shards = cls.data_shards(config.options, comm.size)
         steps_per_epoch = ShardedBatches(len(data.x_train), config.batch_size, 0, shards, config.seed).steps_per_epoch
-        job = _job(config, data, comm, config.epochs * steps_per_epoch)
+        job = _job(config, data, comm, config.epochs * steps_per_epoch, shards)
     strategy = cls(job, comm, config.options)
     try:
         history = _run(config, comm, strategy, data, steps_per_epoch)
@@ -367,6 +381,10 @@ def _header(config: TrainConfig, comm: Communicator, strategy: Strategy, data: D
         f"strategy {config.strategy}",
         flush=True,
     )
+    if config.scale_lr:
+        lr, warmup = scaled_lr(config, shards, steps)
+        print(f"# --scale-lr: lr {config.lr:g} x {shards} data shard(s) = {lr:g}, warmed up over {warmup} steps",
+              flush=True)  # fmt: skip
     changed = _changed(config)
     if changed:
         shown = (f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in changed.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 
 import numpy as np
@@ -275,3 +276,12 @@ def test_steady_state_step_allocates_no_large_arrays(
     # Every activation here is at least 512 KiB (mlp, model 7 MiB); the cnn (model 0.4 MiB) runs micro-batches
     # of 32 whose activations are 0.4-1.6 MiB.
     assert peak < 256 * 1024, f"a steady-state step allocated {peak / 1024:.0f} KiB at its peak"
+
+
+@pytest.mark.mpi
+def test_scale_lr_multiplies_by_the_data_parallel_ranks_after_a_five_epoch_warm_up(comm: Communicator) -> None:
+    history = train(TrainConfig(epochs=7, progress=False, batch_size=64, scale_lr=True), comm).history
+    lrs = [record["lr"] for record in history]
+    scaled = 0.05 * comm.size  # allreduce: one data shard per rank
+    assert all(a < b for a, b in itertools.pairwise(lrs[:5])), lrs  # warming up over 5 epochs
+    assert lrs[4:] == pytest.approx([scaled] * 3), lrs
