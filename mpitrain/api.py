@@ -258,29 +258,29 @@ def barrier() -> None:
 def broadcast_parameters(model: Module, root: int = 0) -> None:
     """Give every rank ``root``'s parameters (in place), so replicas start the same; the model must be
     initialised (``init_params``)."""
-    comm = _state().comm
     flat = getattr(model, "flat_params", None)
-    targets = [flat] if flat is not None else [p.data for p in model.parameters()]
-    for target in targets:
-        host = np.ascontiguousarray(backend.to_host(target))
-        _submit("broadcast_parameters", lambda host=host: comm.broadcast(host, root=root)).wait()
-        target[...] = backend.to_device(host, backend.array_module_of(target))
+    for target in [flat] if flat is not None else [p.data for p in model.parameters()]:
+        _broadcast_into(target, root, "broadcast_parameters")
 
 
 def broadcast_optimizer_state(optimizer: Optimizer, root: int = 0) -> None:
     """Give every rank ``root``'s optimizer state (step count and buffers, in place). ``root``'s own
     state is read, never changed: nothing is stepped or re-initialised (unlike ``hvd`` in horovod#2805)."""
-    comm = _state().comm
     state = optimizer.state_dict()
     steps = broadcast_object(int(state["steps"]), root=root)
     for key in sorted(k for k, v in state.items() if getattr(v, "ndim", 0)):
-        target = state[key]
-        host = np.ascontiguousarray(backend.to_host(target))
-        _submit("broadcast_optimizer_state", lambda host=host: comm.broadcast(host, root=root)).wait()
-        if comm.rank != root:
-            target[...] = backend.to_device(host, backend.array_module_of(target))
-    if comm.rank != root:
+        _broadcast_into(state[key], root, "broadcast_optimizer_state")
+    if _state().comm.rank != root:
         optimizer.steps = steps
+
+
+def _broadcast_into(target: Any, root: int, name: str) -> None:
+    """``root``'s values of ``target`` (host or device) into every other rank's, in place."""
+    comm = _state().comm
+    host = np.ascontiguousarray(backend.to_host(target))
+    _submit(name, lambda: comm.broadcast(host, root=root)).wait()
+    if comm.rank != root:
+        target[...] = backend.to_device(host, backend.array_module_of(target))
 
 
 class DistributedOptimizer:

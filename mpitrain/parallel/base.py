@@ -212,6 +212,16 @@ def load_optimizer(optimizer: Optimizer, arrays: dict[str, np.ndarray], steps: i
     optimizer.load_state_dict({**state, "steps": steps})
 
 
+def release_model(comm: Communicator, model: Module, optimizer: Optimizer) -> None:
+    """Free the node-shared memory (``Communicator.allocate``) of ``model``'s flat buffers and
+    ``optimizer``'s state (collective); the model stays readable (its buffers are copied out first), the
+    optimizer does not."""
+    shared = [model.flat_params, model.flat_grads]
+    shared += [v for v in optimizer.state_dict().values() if getattr(v, "ndim", 0)]
+    model.rebind(model.flat_params.copy(), model.flat_grads.copy())
+    comm.release(*shared)
+
+
 def exported(comm: Communicator, model: Module) -> dict[str, np.ndarray] | None:
     """``Strategy.export`` of a model held whole: its parameters by name, host copies, on rank 0."""
     return model.state_dict() if comm.rank == 0 else None

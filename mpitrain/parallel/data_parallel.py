@@ -37,6 +37,7 @@ from mpitrain.parallel.base import (
     load_optimizer,
     optimizer_arrays,
     register,
+    release_model,
 )
 from mpitrain.parallel.local_step import LocalStep
 from mpitrain.parallel.reducer import DEFAULT_BUCKET_BYTES, GradientReducer, finite
@@ -337,8 +338,4 @@ class AllReduce(Strategy):
         """End the reducer and free the shared memory; the model stays readable (its buffers are
         copied out first), the optimizer does not."""
         self.engine.close()
-        model = self.model
-        shared = [model.flat_params, model.flat_grads]
-        shared += [v for v in self.optimizer.state_dict().values() if getattr(v, "ndim", 0)]
-        model.rebind(model.flat_params.copy(), model.flat_grads.copy())
-        self.comm.release(*shared)
+        release_model(self.comm, self.model, self.optimizer)

@@ -56,6 +56,7 @@ from mpitrain.parallel.base import (
     json_array,
     load_optimizer,
     register,
+    release_model,
 )
 from mpitrain.parallel.reducer import GradientReducer
 from mpitrain.parallel.replicas import check_replicas
@@ -576,10 +577,6 @@ class Pipeline(Strategy):
     def close(self) -> None:
         """End the reducer, move the model out of shared memory, free it and the groups (collective)."""
         self.reducer.close()
-        model = self.model
-        shared = [model.flat_params, model.flat_grads]
-        shared += [v for v in self.optimizer.state_dict().values() if getattr(v, "ndim", 0)]
-        model.rebind(model.flat_params.copy(), model.flat_grads.copy())
-        self.column.release(*shared)
+        release_model(self.column, self.model, self.optimizer)
         self.column.close()
         self.row.close()
