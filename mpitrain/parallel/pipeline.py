@@ -137,6 +137,13 @@ def check_split(split: tuple[int, ...], layers: int, stages: int) -> None:
             )
 
 
+def layer_span(layout: list[tuple[str, int, int]], first: int, stop: int) -> tuple[int, int] | None:
+    """(start, stop) in a flat buffer laid out as ``layout`` of the parameters of layers [first, stop)
+    (contiguous: the layout is in reverse layer order), or None when those layers have none."""
+    spans = [(a, b) for name, a, b in layout if first <= int(name.split(".", 1)[0]) < stop]
+    return (min(a for a, _ in spans), max(b for _, b in spans)) if spans else None
+
+
 class Chunks(Module):
     """A rank's model chunks as one module: one pair of flat buffers, parameters named as in the whole model."""
 
@@ -274,6 +281,10 @@ class Pipeline(Strategy):
         }
         self.whole_layout = whole.flat_layout()
         self.whole_shapes = {name: p.shape for name, p in whole.named_parameters()}
+        self.whole_size = self.whole_layout[-1][2] if self.whole_layout else 0
+        self._whole_spans = [
+            layer_span(self.whole_layout, a, b) for a, b in itertools.pairwise(self.bounds)
+        ]  # each stage's part of the whole model's flat buffers
         self._ranges = self._whole_ranges()
         self.steps = 0
         self.peak_live = dict.fromkeys(self.stages, 0)  # micro-batches held at once, counted while running
@@ -335,19 +346,13 @@ class Pipeline(Strategy):
         return result
 
     def _whole_ranges(self) -> list[tuple[int, int, int, int]]:
-        """(start, stop) in this rank's flat buffers and (start, stop) in the whole model's, per chunk: each
-        chunk is contiguous in both (reverse layer order)."""
-        whole = {name: (a, b) for name, a, b in self.whole_layout}
+        """(start, stop) in this rank's flat buffers and (start, stop) in the whole model's, per chunk with
+        parameters: each chunk is contiguous in both (reverse layer order)."""
         ranges = []
-        for chunk in self.chunk.values():
-            names = [n for n, _ in chunk.named_parameters()]
-            mine = [(a, b) for n, a, b in self.model.layout if n in set(names)]
-            if not mine:
-                continue
-            there = [whole[n] for n in names]
-            ranges.append(
-                (min(a for a, _ in mine), max(b for _, b in mine), min(a for a, _ in there), max(b for _, b in there))
-            )
+        for k in self.stages:
+            mine = layer_span(self.model.layout, self.bounds[k], self.bounds[k + 1])
+            if mine is not None:
+                ranges.append((*mine, *self._whole_spans[k]))
         return ranges
 
     @property
@@ -366,7 +371,7 @@ class Pipeline(Strategy):
         )
 
     def num_parameters(self) -> int:
-        return sum(p.size for p in self.job.build_model().parameters())
+        return self.whole_size
 
     def start(self) -> None:
         """Every replica of a stage starts from its first pipeline's parameters."""
@@ -499,25 +504,19 @@ class Pipeline(Strategy):
         list on every rank), assembled from pipeline 0's stages (collective over pipeline 0)."""
         if self.column.rank != 0:
             return None
-        size = self.whole_layout[-1][2] if self.whole_layout else 0
         if self.rank != 0:
             for flat in flats:
                 for a, b, _, _ in self._ranges:
                     self.row.send(np.ascontiguousarray(backend.to_host(flat[a:b])), 0, GATHER_TAG)
             return None
-        wholes = [np.empty(size, flat.dtype) for flat in flats]
+        wholes = [np.empty(self.whole_size, flat.dtype) for flat in flats]
         for whole, flat in zip(wholes, flats, strict=True):
             for a, b, c, d in self._ranges:
                 whole[c:d] = backend.to_host(flat[a:b])
-            for source in range(1, self.P):
-                for k in range(source, self.P * self.V, self.P):
-                    names = {
-                        n
-                        for n, _ in self.job.build_model().stage(self.bounds[k], self.bounds[k + 1]).named_parameters()
-                    }
-                    spans = [(a, b) for n, a, b in self.whole_layout if n in names]
-                    if spans:
-                        self.row.recv(whole[min(a for a, _ in spans) : max(b for _, b in spans)], source, GATHER_TAG)
+            for k in range(self.P * self.V):  # the other ranks' stages, each rank's in chunk order
+                span = self._whole_spans[k]
+                if owner(k, self.P) != 0 and span is not None:
+                    self.row.recv(whole[span[0] : span[1]], owner(k, self.P), GATHER_TAG)
         return wholes
 
     def _optimizer_flats(self) -> list[tuple[str, Any]]:
