@@ -25,13 +25,37 @@ from mpitrain.nn import Linear, Module
 WORLD = MPI.COMM_WORLD
 
 
+_QUIET: dict[str, object] = {}  # rank > 0: the real stdout and the file its report went to
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     # One temporary folder per rank and job: ranks of one job must not prune each other's folders.
+    job = WORLD.bcast(os.getpid(), root=0)
+    folder = os.path.join(tempfile.gettempdir(), f"mpitrain-tests-{job}")
     if config.option.basetemp is None:
-        job = WORLD.bcast(os.getpid(), root=0)
-        folder = os.path.join(tempfile.gettempdir(), f"mpitrain-tests-{job}")
         os.makedirs(folder, exist_ok=True)
         config.option.basetemp = os.path.join(folder, f"rank{WORLD.Get_rank()}")
+    # One report per job, rank 0's: the other ranks' go to a file (before the terminal reporter, made after
+    # this hook, takes sys.stdout), shown only when that rank's session fails. Every mpi test already
+    # fails on every rank when it fails on one.
+    if WORLD.Get_rank() > 0 and WORLD.Get_size() > 1:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"report-rank{WORLD.Get_rank()}.txt")
+        _QUIET.update(stdout=sys.stdout, path=path)
+        sys.stdout = open(path, "w", buffering=1)  # noqa: SIM115 - pytest keeps writing to it until exit
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _QUIET["status"] = exitstatus
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _QUIET and _QUIET.get("status") not in (0, 5):  # this rank failed: its whole report is the evidence
+        sys.stdout.flush()
+        with open(_QUIET["path"]) as f:
+            report = f.read()
+        sys.__stderr__.write(f"[rank {WORLD.Get_rank()}] its pytest report:\n{report}\n")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -57,9 +81,11 @@ def pytest_runtest_call(item: pytest.Item):
 
 
 @pytest.fixture
-def comm() -> Communicator:
-    """A checked Communicator over COMM_WORLD."""
-    return Communicator()
+def comm():
+    """A checked Communicator over COMM_WORLD, closed after the test."""
+    communicator = Communicator()
+    yield communicator
+    communicator.close()
 
 
 def run_mpitrain(

@@ -286,20 +286,20 @@ def test_auto_choice_follows_the_thresholds(comm: Communicator) -> None:
     small, large = comm.tuning.allreduce_small_bytes, comm.tuning.broadcast_large_bytes
     shm_from = comm.tuning.allreduce_shm_bytes
     choose = comm.tuning.allreduce_algorithm
-    assert choose(small - 4, half=False, shared=False) == "native"
-    assert choose(small, half=False, shared=False) == "ring"
-    assert choose(shm_from - 4, half=False, shared=True) == "native"
-    assert choose(shm_from, half=False, shared=True) == "shm"
-    assert choose(16, half=True, shared=True) == "shm"
-    assert choose(16, half=True, shared=False) == "doubling"
-    assert choose(small * 2, half=True, shared=False) == "ring"
+    assert choose(small - 4, half=False, memory="none") == "native"
+    assert choose(small, half=False, memory="none") == "ring"
+    assert choose(shm_from - 4, half=False, memory="shared") == "native"
+    assert choose(shm_from, half=False, memory="shared") == "shm"
+    assert choose(16, half=True, memory="shared") == "shm"
+    assert choose(16, half=True, memory="none") == "doubling"
+    assert choose(small * 2, half=True, memory="none") == "ring"
     assert large > small
     broadcast = comm.tuning.broadcast_algorithm
-    assert broadcast(large, comm.size, shared=False) == ("scatter" if comm.size > 2 else "tree")
-    assert broadcast(large - 4, comm.size, shared=False) == "tree"
+    assert broadcast(large, comm.size, memory="none") == ("scatter" if comm.size > 2 else "native")
+    assert broadcast(large - 4, comm.size, memory="none") == "native"
     shm_bytes = comm.tuning.broadcast_shm_bytes
-    assert broadcast(shm_bytes, comm.size, shared=True) == "shm"
-    assert broadcast(shm_bytes - 4, comm.size, shared=True) == "tree"
+    assert broadcast(shm_bytes, comm.size, memory="shared") == "shm"
+    assert broadcast(shm_bytes - 4, comm.size, memory="shared") == "native"
 
 
 def test_tuning_from_environment() -> None:
@@ -311,6 +311,10 @@ def test_tuning_from_environment() -> None:
         Tuning.from_env({"MPITRAIN_SEGMENT_BYTES": "4k"})
     with pytest.raises(ValueError, match="segment_bytes must be at least 64"):
         Tuning(segment_bytes=8)
+    band = Tuning.from_env({"MPITRAIN_STAGED_NATIVE_BYTES": "1024,2048"})
+    assert band.staged_native_bytes == (1024, 2048)
+    with pytest.raises(ValueError, match="expected 2 comma-separated integers"):
+        Tuning.from_env({"MPITRAIN_STAGED_NATIVE_BYTES": "1024"})
 
 
 def _raises_everywhere(call, exc_type: type, fragment: str) -> None:
@@ -344,11 +348,11 @@ def test_bad_buffer_on_one_rank_raises_on_every_rank(comm: Communicator) -> None
     _raises_everywhere(lambda: comm.allreduce(np.zeros(4, np.int64), op="mean"), TypeError, "floating dtype")
     _raises_everywhere(lambda: comm.allreduce(good.copy(), op="prod"), ValueError, "unknown op 'prod'")
     _raises_everywhere(lambda: comm.allreduce(good.copy(), algorithm="magic"), ValueError, "unknown algorithm")
-    _raises_everywhere(lambda: comm.allreduce(good.copy(), algorithm="shm"), ValueError, "Communicator.allocate")
-    _raises_everywhere(lambda: comm.broadcast(good.copy(), algorithm="shm"), ValueError, "Communicator.allocate")
     _raises_everywhere(lambda: comm.reduce_scatter(good.copy(), algorithm="tree"), ValueError, "unknown algorithm")
-    _raises_everywhere(lambda: comm.reduce_scatter(good.copy(), algorithm="shm"), ValueError, "Communicator.allocate")
-    _raises_everywhere(lambda: comm.allgather(good.copy(), algorithm="shm"), ValueError, "Communicator.allocate")
+    if comm.size > 1:  # a shared buffer on one rank, a private one elsewhere: in place and staged do not mix
+        shared = comm.allocate(6)
+        _raises_everywhere(lambda: comm.allreduce(shared if comm.rank == odd else good.copy()), ValueError, "disagree")
+        comm.release(shared)
     _raises_everywhere(lambda: comm.allgather(np.zeros(12)[::2]), ValueError, "C-contiguous")
     _raises_everywhere(lambda: comm.broadcast(good.copy(), root=comm.size), ValueError, "outside [0,")
 

@@ -19,6 +19,7 @@ from mpitrain.comm import doubling, ring, tree
 from mpitrain.comm.checks import (
     ERROR_TYPES,
     Problem,
+    QuickAgreement,
     agree_on_call,
     buffer_problem,
     choice_problem,
@@ -30,17 +31,20 @@ from mpitrain.comm.objects import ObjectCollectives
 from mpitrain.comm.ops import BFLOAT16, HALF, NATIVE_OPS, Inspect, combiner, finisher, wire
 from mpitrain.comm.p2p import PointToPoint
 from mpitrain.comm.shm import Reduction, SharedBuffers
+from mpitrain.comm.staging import Staging
 from mpitrain.comm.tuning import Tuning
 from mpitrain.comm.watchdog import Watchdog
 
+_ABSENT = object()  # a collective without an op or a root
+_UNWATCHED = contextlib.nullcontext()  # reusable: what a collective runs in without a watchdog
 ALLREDUCE_ALGORITHMS = ("auto", "ring", "doubling", "shm", "native")
 SCATTER_GATHER_ALGORITHMS = ("auto", "ring", "native", "shm")
 BROADCAST_ALGORITHMS = ("auto", "tree", "scatter", "shm", "native")
 
 
-def _shm_problem(algorithm: str, shared: Any, buf: np.ndarray) -> Problem | None:
-    if algorithm == "shm" and shared is None and buf.size:
-        return "ValueError", "algorithm 'shm' needs a buffer from Communicator.allocate"
+def _shm_problem(algorithm: str, staging: Staging | None, buf: np.ndarray) -> Problem | None:
+    if algorithm == "shm" and staging is None and buf.size:
+        return "ValueError", "algorithm 'shm' needs node-shared memory, which nodes of unequal rank counts lack"
     return None
 
 
@@ -103,6 +107,9 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
             node = self.comm.Split(self.rank // node_size, key=self.rank)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         self.shared, watched = SharedBuffers.over(self.comm, node, timeout is not None)
+        self._staging = None if self.shared is None else Staging(self.shared, self.tuning.staging_bytes)
+        quick = checked and self.size > 1 and self.shared is not None
+        self._quick = QuickAgreement(self.shared) if quick else None
         # The progress array is allocated on every rank when any rank wants a watchdog: it is collective.
         progress = self.shared.progress(self.rank) if watched and self.shared is not None else (None, [])
         self._owns_watchdog = timeout is not None
@@ -138,21 +145,29 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
             if found is not None:
                 self.shared.release(found[0])
 
-    def _prepare(self, name: str, buf: Any, algorithm: str, allowed: tuple[str, ...], **params: Any) -> tuple:
+    def _prepare(
+        self, name: str, buf: Any, algorithm: str, allowed: tuple[str, ...], op: Any = _ABSENT, root: Any = _ABSENT
+    ) -> tuple:
         """The one preamble of every collective: guard, local checks, cross-rank agreement (checked mode).
 
-        Returns (the wire view of the flat buffer, its shared window and offset or None).
+        Returns (the wire view of the flat buffer, its shared window and offset or None). Written for
+        speed: it runs before every collective, and a few microseconds here are the Communicator's
+        whole overhead over calling MPI directly.
         """
-        self._guard()
-        flat = wire(buf.reshape(-1)) if isinstance(buf, np.ndarray) else buf
-        shared = self._find_shared(flat)
-        problem = buffer_problem(buf) or choice_problem("algorithm", algorithm, allowed)
-        if "op" in params:
-            problem = problem or op_problem(params["op"], buf.dtype) or _native_problem(algorithm, buf.dtype)
-        if "root" in params:
-            problem = problem or root_problem(params["root"], self.size)
-        problem = problem or _shm_problem(algorithm, shared, buf)
-        self._check(name, buf, problem, algorithm=algorithm, shared=shared and shared[1], **params)
+        if self.closed:
+            self._guard()
+        flat = wire(buf if buf.ndim == 1 else buf.reshape(-1)) if isinstance(buf, np.ndarray) else buf
+        shared = self.shared.find(flat) if self.shared is not None and self.shared.windows else None
+        problem = buffer_problem(buf) or (
+            None if algorithm in allowed else choice_problem("algorithm", algorithm, allowed)
+        )
+        if op is not _ABSENT:
+            problem = problem or op_problem(op, buf.dtype) or _native_problem(algorithm, buf.dtype)
+        if root is not _ABSENT:
+            problem = problem or root_problem(root, self.size)
+        if algorithm == "shm":
+            problem = problem or _shm_problem(algorithm, self._staging, buf)
+        self._check(name, buf, problem, algorithm, shared and shared[1], op, root)
         if self.size > 1:  # what a bandwidth-optimal algorithm sends from each rank
             self.sent_bytes += flat.nbytes * (2 if name == "allreduce" else 1) * (self.size - 1) // self.size
         return flat, shared
@@ -160,13 +175,15 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
     def allreduce(self, buf: np.ndarray, op: str = "sum", algorithm: str = "auto", inspect: Inspect = None) -> Any:
         """Reduce ``buf`` over all ranks, in place, and return it.
 
-        Contract: same length, dtype, op and algorithm on every rank ("shm":
-        buffers from ``allocate`` at the same offset). op: "sum", "mean"
-        (floating dtypes), "max", "min"; integers wrap as in MPI. algorithm:
-        "ring" (bandwidth-optimal, pipelined), "doubling" (few rounds, for
-        small buffers), "shm" (node shared memory, hierarchical across
-        nodes), "native" (MPI's in-place Allreduce), or "auto" (by
-        ``Tuning.allreduce_algorithm``). All but native leave bit-identical
+        Contract: same length, dtype, op and algorithm on every rank, and
+        either buffers from ``allocate`` at the same offset on every rank or
+        other arrays on every rank. op: "sum", "mean" (floating dtypes),
+        "max", "min"; integers wrap as in MPI. algorithm: "ring"
+        (bandwidth-optimal, pipelined), "doubling" (few rounds, for small
+        buffers), "shm" (node shared memory, hierarchical across nodes: a
+        buffer from ``allocate`` in place, any other array through the
+        staging area of ``staging``), "native" (MPI's in-place Allreduce), or
+        "auto" (by ``Tuning.allreduce_algorithm``). All but native leave bit-identical
         results on every rank. ``inspect`` (e.g. a finiteness check) sees final
         values before other ranks copy them: for "ring" and "shm" the parts
         this rank reduced (all ranks' calls together see every element, once
@@ -187,7 +204,7 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
 
     def _allreduce(self, flat: np.ndarray, dtype: np.dtype, op: str, algorithm: str, shared: Any, finish) -> None:
         if algorithm == "auto":
-            algorithm = self.tuning.allreduce_algorithm(flat.nbytes, dtype in HALF, shared is not None)
+            algorithm = self.tuning.allreduce_algorithm(flat.nbytes, dtype in HALF, self._memory(shared))
         if algorithm == "native":
             self.comm.Allreduce(MPI.IN_PLACE, flat, op=NATIVE_OPS[op])
             if finish is not None:
@@ -196,6 +213,8 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
             doubling.allreduce(self.comm, flat, combiner(op, dtype), self._scratch_for(flat.dtype, flat.size))
             if finish is not None:
                 finish(flat)
+        elif algorithm == "shm" and shared is None:
+            self._staging.allreduce(flat, self._reduction(op, dtype, flat, finish))
         elif algorithm == "shm":
             window, offset = shared
             self.shared.allreduce(window, offset, flat.size, self._reduction(op, dtype, flat, finish))
@@ -210,13 +229,16 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
 
         In place; chunks are ``chunk_bounds(buf.size)``, rank r owning chunk
         r; other chunks are left with partial results. Contract: same length,
-        dtype, op and algorithm on every rank. algorithm: "ring" (auto),
-        "native" (MPI's Reduce_scatter) or "shm" (buffers from ``allocate``;
-        chunk i of the node size belongs to node rank i, the same chunk on
-        every node; other chunks keep this rank's values). ``inspect`` is
+        dtype, op and algorithm on every rank (and buffers as ``allreduce``).
+        algorithm: "ring", "native" (MPI's Reduce_scatter), "shm" (node-shared
+        memory, in place or staged; chunk i of the node size belongs to node
+        rank i, the same chunk on every node; other chunks keep this rank's
+        values), or "auto" (by ``Tuning.scatter_gather_algorithm``; shm only
+        on one node, where its chunks are the ranks'). ``inspect`` is
         called with this rank's finished chunk (in parts for "shm"). Raises as ``allreduce``.
         """
         flat, shared = self._prepare("reduce_scatter", buf, algorithm, SCATTER_GATHER_ALGORITHMS, op=op)
+        algorithm = self._scatter_gather("reduce_scatter", algorithm, flat, buf.dtype, shared)
         start, stop = self._owned(flat.size, algorithm)
         finish = finisher(op, buf.dtype, self.size, inspect)
         if self.size > 1 and flat.size:
@@ -237,6 +259,9 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
 
     def _reduce_scatter(self, flat, dtype, op: str, algorithm: str, owned: tuple[int, int], shared, finish) -> None:
         start, stop = owned
+        if algorithm == "shm" and shared is None:
+            self._staging.reduce_scatter(flat, self._reduction(op, dtype, flat, finish))
+            return
         if algorithm == "shm":  # finishes each part of the chunk while it is in cache
             window, offset = shared
             self.shared.reduce_scatter(window, offset, flat.size, self._reduction(op, dtype, flat, finish))
@@ -258,17 +283,21 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
         """Fill every rank's ``buf`` with chunk r taken from rank r, in place; return ``buf``.
 
         Chunks are ``chunk_bounds(buf.size)``. Contract: same length, dtype
-        and algorithm on every rank. algorithm: "ring" (auto), "native"
-        (MPI's Allgatherv) or "shm" (buffers from ``allocate``, chunks as
-        ``reduce_scatter`` with "shm" owns them). Raises as ``allreduce``.
+        and algorithm on every rank (and buffers as ``allreduce``).
+        algorithm: "ring", "native" (MPI's Allgatherv), "shm" (node-shared
+        memory, in place or staged, chunks as ``reduce_scatter`` with "shm"
+        owns them) or "auto" (as ``reduce_scatter``). Raises as ``allreduce``.
         """
         flat, shared = self._prepare("allgather", buf, algorithm, SCATTER_GATHER_ALGORITHMS)
+        algorithm = self._scatter_gather("allgather", algorithm, flat, buf.dtype, shared)
         if self.size > 1 and flat.size:
             with self._watched("allgather", flat):
                 if algorithm == "native":
                     bounds = self.chunk_bounds(flat.size)
                     counts, displs = [b - a for a, b in bounds], [a for a, _ in bounds]
                     self.comm.Allgatherv(MPI.IN_PLACE, [flat, (counts, displs)])
+                elif algorithm == "shm" and shared is None:
+                    self._staging.allgather(flat)
                 elif algorithm == "shm":
                     window, offset = shared
                     self.shared.allgather(window, offset, flat.size)
@@ -282,7 +311,7 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
         Contract: same length, dtype, root and algorithm on every rank ("shm":
         as ``allreduce``). algorithm: "tree" (binomial), "scatter" (scatter +
         ring all-gather, for large buffers), "shm" (readers copy from the
-        root's shared buffer; tree between nodes), "native" (MPI's Bcast), or
+        root's shared or staged buffer; tree between nodes), "native" (MPI's Bcast), or
         "auto" (by ``Tuning.broadcast_algorithm``). Raises as ``allreduce``,
         and ValueError for a root outside [0, size).
         """
@@ -294,8 +323,10 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
 
     def _broadcast(self, flat: np.ndarray, root: int, algorithm: str, shared: Any) -> None:
         if algorithm == "auto":
-            algorithm = self.tuning.broadcast_algorithm(flat.nbytes, self.size, shared is not None)
-        if algorithm == "shm":
+            algorithm = self.tuning.broadcast_algorithm(flat.nbytes, self.size, self._memory(shared))
+        if algorithm == "shm" and shared is None:
+            self._staging.broadcast(flat, root)
+        elif algorithm == "shm":
             window, offset = shared
             self.shared.broadcast(window, offset, flat.size, root)
         elif algorithm == "native":
@@ -317,6 +348,7 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
         if self._owns_watchdog:
             self.watchdog.stop()  # before the window that holds its progress array goes
         if self.shared is not None:
+            self._staging.free()
             self.shared.free()
         self._p2p.Free()
         self.comm.Free()
@@ -342,20 +374,40 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
         """Whether ``buf`` lies in node-shared memory from ``allocate`` (so "shm" algorithms take it)."""
         return self._find_shared(wire(buf) if isinstance(buf, np.ndarray) else buf) is not None
 
+    def _memory(self, shared: Any) -> str:
+        """How a buffer reaches node-shared memory: "shared" (from ``allocate``), "staged" (copied through
+        the staging area) or "none" (nodes of unequal rank counts)."""
+        return "shared" if shared is not None else ("staged" if self._staging is not None else "none")
+
+    def _scatter_gather(self, name: str, algorithm: str, flat: np.ndarray, dtype: np.dtype, shared: Any) -> str:
+        """What reduce-scatter and all-gather run: "auto" resolved (shm keeps rank r's chunk r only on one node)."""
+        if algorithm != "auto":
+            return algorithm
+        nbytes = flat.nbytes
+        memory = self._memory(shared) if self.single_node else "none"
+        return self.tuning.scatter_gather_algorithm(name, nbytes, dtype in HALF, memory)
+
     def _find_shared(self, flat: Any) -> tuple[Any, int] | None:
         return self.shared.find(flat) if self.shared is not None else None
 
-    def _check(self, name: str, buf: Any, problem: Problem | None, **params: Any) -> None:
+    def _check(
+        self, name: str, buf: Any, problem: Problem | None, algorithm: str, shared: Any, op: Any, root: Any
+    ) -> None:
         self.sequence += 1
         if not self.checked:
             if problem is not None:
                 raise ERROR_TYPES[problem[0]](f"{name}: {problem[1]}")
             return
-        fingerprint = {"seq": self.sequence, "collective": name, **params}
+        fingerprint = {"seq": self.sequence, "collective": name, "algorithm": algorithm, "shared": shared}
+        if op is not _ABSENT:
+            fingerprint["op"] = op
+        if root is not _ABSENT:
+            fingerprint["root"] = root
         if problem is None:
             fingerprint.update(length=buf.size, dtype=str(buf.dtype))
         with self._wait(f"checking {name} #{self.sequence}", self.sequence):
-            agree_on_call(self.comm, name, fingerprint, problem)
+            if self._quick is None or not self._quick.agree(fingerprint, problem):
+                agree_on_call(self.comm, name, fingerprint, problem)
 
     def watch(
         self, what: Any, sequence: int | None = None, waiting: bool = False
@@ -378,7 +430,7 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
 
     def _watched(self, name: str, flat: Any) -> contextlib.AbstractContextManager[None]:
         if self.watchdog is None:
-            return contextlib.nullcontext()
+            return _UNWATCHED
         sequence, size, dtype = self.sequence, flat.size, flat.dtype
         return self._wait(lambda: f"{name} #{sequence} ({size} x {dtype})", sequence)  # formatted only if late
 

@@ -56,6 +56,16 @@ class ObjectCollectives:
             self.comm.Allreduce(MPI.IN_PLACE, value, op=MPI.MIN)
         return bool(value[0])
 
+    def count_true(self, *flags: bool) -> list[int]:
+        """For each flag, how many ranks pass it true (collective): one small integer all-reduce, exact and
+        the same on every rank, for verdicts that need a count ("my gradients are not finite", "I had a
+        batch")."""
+        self._guard()
+        values = np.array([1 if flag else 0 for flag in flags], np.int64)
+        with self._wait("count_true"):
+            self.comm.Allreduce(MPI.IN_PLACE, values, op=MPI.SUM)
+        return [int(v) for v in values]
+
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank if any rank passes an error (see ``checks.agree_on_error``)."""
         self._guard()

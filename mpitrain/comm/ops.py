@@ -31,12 +31,13 @@ Inspect = Callable[[np.ndarray], None] | None
 
 def is_floating(dtype: np.dtype) -> bool:
     """Whether ``dtype`` is one of the floating types (``mean`` needs one)."""
-    return dtype.kind == "f" or dtype == BFLOAT16
+    return dtype.kind == "f" or dtype is BFLOAT16 or dtype == BFLOAT16
 
 
 def wire(flat: np.ndarray) -> np.ndarray:
     """What MPI moves for ``flat``: a bfloat16 buffer's bit patterns (uint16), anything else as it is."""
-    return flat.view(np.uint16) if flat.dtype == BFLOAT16 else flat
+    dtype = flat.dtype
+    return flat.view(np.uint16) if dtype is BFLOAT16 or (dtype.kind == "V" and dtype == BFLOAT16) else flat
 
 
 def combiner(op: str, dtype: np.dtype) -> Callable[..., Any]:
@@ -52,9 +53,9 @@ def combiner(op: str, dtype: np.dtype) -> Callable[..., Any]:
 def finisher(op: str, dtype: np.dtype, size: int, inspect: Inspect = None) -> Inspect:
     """What to do to each fully reduced wire chunk: divide by ``size`` for "mean", then ``inspect`` it
     (with the logical dtype)."""
-    logical = (lambda chunk: chunk.view(BFLOAT16)) if dtype == BFLOAT16 else (lambda chunk: chunk)
     if op != "mean" and inspect is None:
         return None
+    logical = (lambda chunk: chunk.view(BFLOAT16)) if dtype == BFLOAT16 else (lambda chunk: chunk)
 
     def finish(chunk: np.ndarray) -> None:
         values = logical(chunk)

@@ -44,6 +44,7 @@ from mpi4py import MPI
 from mpitrain.comm import ring, tree
 from mpitrain.comm.watchdog import Peer, process_start
 
+SLOTS = 4  # int64 slots per rank beside the barrier's counter (two turns of (digest, flag))
 YIELDS = 1000  # barrier checks that yield the core before it naps (about 1 ms when nothing else runs)
 NAP = 20e-6  # seconds between later checks (the kernel's timer slack makes it about 70 us)
 
@@ -85,6 +86,7 @@ class SharedBuffers:
         # made on first use, so a communicator that never allocates holds none).
         self._arrival_win: MPI.Win | None = None
         self._arrived: list[np.ndarray] = []
+        self._slots: list[np.ndarray] = []
         self._rounds = 0
 
     @classmethod
@@ -109,9 +111,28 @@ class SharedBuffers:
         peers = self.windows[-1].peers
         return array, [Peer(r, peer, pid, start) for (r, pid, start), peer in zip(members, peers, strict=True)]
 
-    def _shared_arrays(self, count: int, dtype: Any) -> tuple[MPI.Win, list[np.ndarray]]:
-        """A new shared window and every node-local rank's zeroed array in it (collective on the node)."""
-        dtype = np.dtype(dtype)
+    def shared_arrays(self, count: int, dtype: Any) -> tuple[MPI.Win, list[np.ndarray]]:
+        """A new shared window and every node-local rank's zeroed array in it (collective on the node).
+
+        The first one also creates the barrier's arrival counters, so ``sync`` works from then on."""
+        self.slots()
+        return self._window(count, np.dtype(dtype))
+
+    @property
+    def counters_window(self) -> MPI.Win:
+        """The window of the barrier's counters and the slots (after ``slots``)."""
+        return self._arrival_win
+
+    def slots(self) -> list[np.ndarray]:
+        """Every node rank's ``SLOTS`` int64 slots for small agreements (``checks.QuickAgreement``), in the
+        window of the barrier's counters: created with it, on first use (collective on the node then)."""
+        if self._arrival_win is None:
+            self._arrival_win, counters = self._window(1 + SLOTS, np.dtype(np.int64))
+            self._arrived = [c[:1] for c in counters]
+            self._slots = [c[1:] for c in counters]
+        return self._slots
+
+    def _window(self, count: int, dtype: np.dtype) -> tuple[MPI.Win, list[np.ndarray]]:
         win = MPI.Win.Allocate_shared(count * dtype.itemsize, dtype.itemsize, comm=self.node)
         win.Lock_all(MPI.MODE_NOCHECK)
         peers = []
@@ -123,12 +144,10 @@ class SharedBuffers:
 
     def allocate(self, count: int, dtype: Any) -> np.ndarray:
         """A zeroed array of ``count`` elements in a new shared window (collective on the node)."""
-        if self._arrival_win is None:
-            self._arrival_win, self._arrived = self._shared_arrays(1, np.int64)
-        win, peers = self._shared_arrays(count, dtype)
+        win, peers = self.shared_arrays(count, dtype)
         own = peers[self.node.Get_rank()]
         self.windows.append(_Window(win, peers, own.__array_interface__["data"][0], own.nbytes))
-        self._sync(win)
+        self.sync(win)
         return own
 
     def find(self, buf: np.ndarray) -> tuple[_Window, int] | None:
@@ -149,7 +168,7 @@ class SharedBuffers:
         Contract: the same window, offset and count on every rank.
         """
         self._reduce_own(window, offset, count, how, share=True)
-        self._sync(window.win)
+        self.sync(window.win)
 
     def reduce_scatter(self, window: _Window, offset: int, count: int, how: Reduction) -> tuple[int, int]:
         """Steps 1 and 2 of the all-reduce without the writes into peers: this rank's chunk (node rank i:
@@ -160,7 +179,7 @@ class SharedBuffers:
         bit-identical values). Contract: as ``allreduce``.
         """
         bounds = self._reduce_own(window, offset, count, how, share=False)
-        self._sync(window.win)  # peers have read this rank's buffer before the caller changes it
+        self.sync(window.win)  # peers have read this rank's buffer before the caller changes it
         return bounds
 
     def allgather(self, window: _Window, offset: int, count: int) -> None:
@@ -168,15 +187,15 @@ class SharedBuffers:
 
         Contract: as ``allreduce``; chunks as ``reduce_scatter`` returns them.
         """
-        self._sync(window.win)
+        self.sync(window.win)
         self._copy_peers(window, offset, count)
-        self._sync(window.win)
+        self.sync(window.win)
 
     def _reduce_own(self, window: _Window, offset: int, count: int, how: Reduction, share: bool) -> tuple[int, int]:
         """Steps 1 and 2; with ``share`` each finished part is also written into the peers' buffers."""
         me, p = self.node.Get_rank(), self.node.Get_size()
         a, b = ring.chunk_bounds(count, p)[me]
-        self._sync(window.win)
+        self.sync(window.win)
         # A segment at a time, so a finish on one node reads what the reduction just wrote from cache
         # (2 ranks, 3.6 MiB chunks: sum, mean and finiteness check 12% faster than whole-chunk passes).
         for start in range(offset + a, offset + b, how.segment):
@@ -218,12 +237,14 @@ class SharedBuffers:
         views = [peer[offset : offset + count] for peer in window.peers]
         if self.cross is not None and me == source:
             tree.broadcast(self.cross, views[me], root_cross)
-        self._sync(window.win)
+        self.sync(window.win)
         if me != source:
             np.copyto(views[me], views[source])
-        self._sync(window.win)
+        self.sync(window.win)
 
-    def _sync(self, win: MPI.Win) -> None:
+    def sync(self, win: MPI.Win) -> None:
+        """Node barrier that also orders memory: writes before it are seen by every peer after it
+        (collective on the node)."""
         win.Sync()  # this rank's writes are visible before its arrival is
         self._barrier()
         win.Sync()  # and peers' writes before anything after it reads them
@@ -249,7 +270,7 @@ class SharedBuffers:
 
     def release(self, window: _Window) -> None:
         """Free one window and the arrays in it (collective on the node)."""
-        self._sync(window.win)  # no peer still reads it
+        self.sync(window.win)  # no peer still reads it
         self.windows.remove(window)
         window.win.Unlock_all()
         window.win.Free()
@@ -262,7 +283,7 @@ class SharedBuffers:
             win.Unlock_all()
             win.Free()
         self.windows.clear()
-        self._arrival_win, self._arrived = None, []
+        self._arrival_win, self._arrived, self._slots = None, [], []
         for comm in (self.node, self.cross):
             if comm is not None:
                 comm.Free()
