@@ -20,7 +20,7 @@ import mpi4py
 from mpi4py import MPI
 
 from mpitrain import __version__, backend, checkpoint, faults, inference, plot, threads
-from mpitrain.cli_types import fraction, hidden, nonneg_float, nonneg_int, positive_float, positive_int
+from mpitrain.cli_types import fraction, hidden, nonneg_float, nonneg_int, positive_float, positive_int, steps_window
 from mpitrain.comm import Communicator, Tuning, mark_all_ranks, raised_on_all_ranks
 from mpitrain.comm.watchdog import GRACE, abort_job
 from mpitrain.config_file import config_arguments
@@ -107,6 +107,12 @@ def _train_parser(prog: str) -> _Parser:
     p.add_argument("--threads", type=positive_int, default=None, help="BLAS threads per rank (default cores/ranks)")
     p.add_argument("--metrics", default=None, metavar="FILE.jsonl", help="one JSON line per epoch")
     p.add_argument("--save", default=None, metavar="FILE.npz", help="write the final parameters")
+    p.add_argument("--timeline", default=None, metavar="FILE.json",
+                   help="Chrome trace of every rank's steps (Perfetto, chrome://tracing)")  # fmt: skip
+    p.add_argument("--timeline-steps", type=steps_window, default=d.timeline_steps, metavar="A:B",
+                   help="record steps A to B-1, counted from 0 (default %(default)s): a bounded file")  # fmt: skip
+    p.add_argument("--breakdown", action="store_true",
+                   help="epoch lines show seconds of data, forward, backward, exposed_comm, optimizer")  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     # Strategies that share their flags (one add_arguments) share a group: argparse takes each flag once.
     families: dict[Any, list[str]] = {}

@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from mpitrain.timeline import parse_window
+
 
 def bounded(kind: Callable[[str], Any], low: float, what: str, inclusive: bool = True) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
@@ -51,3 +53,12 @@ positive_int = bounded(int, 1, "an integer >= 1")
 nonneg_int = bounded(int, 0, "an integer >= 0")
 positive_float = bounded(float, 0.0, "a number > 0", inclusive=False)
 nonneg_float = bounded(float, 0.0, "a number >= 0")
+
+
+def steps_window(text: str) -> str:
+    """A ``--timeline-steps`` window, checked (``timeline.parse_window``) and kept as written."""
+    try:
+        parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -25,8 +26,11 @@ from mpitrain.data import Dataset, ShardedBatches, eval_shard, load_dataset
 from mpitrain.nn import SoftmaxCrossEntropy, build_model
 from mpitrain.optim import LRSchedule, build_optimizer
 from mpitrain.parallel import Job, State, Strategy, Sums, options_for, strategy_class
+from mpitrain.timeline import MAX_EVENTS, SPANS, clock, parse_window, trace_document, trace_events
 
 EVAL_BATCH = 1024
+# The per-phase breakdown of each metrics record (seconds of this rank's steps in the epoch).
+PHASES = ("data", "forward", "backward", "exposed_comm", "optimizer", "allreduce")
 # Where the current run stands, for the command line's Ctrl-C message: the last step begun, the newest
 # checkpoint written.
 STATUS: dict[str, Any] = {"step": 0, "checkpoint": None}
@@ -67,6 +71,9 @@ class TrainConfig:
     max_steps: int | None = None
     metrics: str | None = None
     save: str | None = None
+    timeline: str | None = None
+    timeline_steps: str = "0:100"
+    breakdown: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -242,6 +249,7 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
         x_batch = np.empty((config.batch_size, *data.sample_shape), dtype)
         y_batch = np.empty(config.batch_size, data.y_train.dtype)
     metrics_file = _open_metrics(config) if leader else None
+    window = _start_timeline(config, comm)
     history: list[dict[str, Any]] = []
     run_began, stopped_at = time.perf_counter(), None  # stopped_at: (step, epoch) where --max-steps cut an epoch
     if position.epoch >= config.epochs and leader:
@@ -253,6 +261,7 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
     for epoch in range(position.epoch, config.epochs):
         start = time.perf_counter()
         traffic = [0, 0]  # bytes this rank sent inside its steps, its steps (this epoch)
+        SPANS.take()  # the phases of this epoch's steps only
         first = position.step_in_epoch if epoch == position.epoch else 0
         totals = position.totals if epoch == position.epoch else np.zeros(3)  # loss sum, correct, count
         bar = tqdm(
@@ -271,13 +280,16 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
             count = _rounds_to_take(config, position.global_step, end - step_in_epoch)
             for taken, idx in enumerate(strategy.batches(batches, epoch, step_in_epoch, count), start=1):
                 STATUS["step"] = step = position.global_step + taken  # this rank's own count when asynchronous
+                SPANS.recording = window is not None and window[0] < step <= window[1]
                 with comm.watch(lambda: f"training step {step}"):  # noqa: B023 - formatted while the step runs
                     x = y = None
                     if idx is not None:
+                        read = clock()
                         np.take(x_train, idx, axis=0, out=x_batch)
                         np.take(data.y_train, idx, out=y_batch)
                         faults.before_step(comm.rank, step, x_batch)
                         x, y = backend.to_device(x_batch, xp), backend.to_device(y_batch, xp)
+                        SPANS.add("data", read)
                     else:
                         faults.before_step(comm.rank, step, None)
                     began, sent = time.perf_counter(), comm.sent_bytes
@@ -299,10 +311,13 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
             stopped_at = (position.global_step, epoch + 1)
             break  # stopped by max_steps inside the epoch: no evaluation of a partial epoch
         train_time = time.perf_counter() - start
+        phases = SPANS.take()
         comm.allreduce(totals, op="sum")
         strategy.sync()
         strategy.check()
+        began = clock()
         test_loss, test_acc = evaluate(strategy, data, comm)
+        SPANS.add("evaluate", began)
         times = comm.allreduce(np.array([train_time, time.perf_counter() - start]), op="max")
         record = {
             "epoch": epoch + 1,
@@ -313,17 +328,20 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
             "samples_per_s": totals[2] / times[0],
             "sent_per_step": traffic[0] / max(1, traffic[1]),  # this rank's (rank 0's in the report)
             "time_s": times[1],
+            **{f"{name}_s": phases.get(name, 0.0) for name in PHASES},  # this rank's (rank 0's in the report)
             **strategy.stats,
         }
         history.append(record)
         if leader:
-            _report(record, metrics_file)
+            _report(record, metrics_file, config.breakdown)
         if config.checkpoint_dir:
             _save(config, comm, strategy, Position(epoch + 1, 0, position.global_step, np.zeros(3)), run_id)
         if config.max_steps is not None and position.global_step >= config.max_steps:
             break
     if metrics_file is not None:
         metrics_file.close()
+    if window is not None:
+        _write_timeline(config, comm)
     if config.save:
         strategy.sync()
         arrays = strategy.export()
@@ -345,8 +363,34 @@ def _summary(config: TrainConfig, history: list[dict[str, Any]], seconds: float,
     if stopped_at is not None:
         parts.append(f"stopped by --max-steps {config.max_steps} at step {stopped_at[0]}, inside epoch {stopped_at[1]}")
     written = [("metrics", config.metrics), ("model", config.save), ("newest checkpoint", STATUS.get("checkpoint"))]
+    written.append(("timeline", config.timeline))
     parts += [f"{what} {path}" for what, path in written if path]
     print("; ".join(parts), flush=True)
+
+
+def _start_timeline(config: TrainConfig, comm: Communicator) -> tuple[int, int] | None:
+    """Forget earlier spans; with --timeline, the window of steps to record, and every rank's clock zero
+    taken right after one collective, so the ranks' tracks line up (to that collective's skew)."""
+    SPANS.reset()
+    if not config.timeline:
+        return None
+    comm.allreduce(np.zeros(1))
+    SPANS.zero = clock()
+    return parse_window(config.timeline_steps)
+
+
+def _write_timeline(config: TrainConfig, comm: Communicator) -> None:
+    """Gather every rank's recorded spans to rank 0 and write the --timeline file (collective)."""
+    SPANS.recording = False
+    mine = trace_events(comm.rank, SPANS.zero, SPANS.events, threading.main_thread().ident)
+    gathered = comm.gather_object((mine, SPANS.dropped))
+    if gathered is not None:
+        dropped = sum(d for _, d in gathered)
+        meta = {"steps": config.timeline_steps, "ranks": comm.size, "dropped_events": dropped}
+        checkpoint.atomic_write(config.timeline, lambda f: f.write(trace_document([e for e, _ in gathered], meta)))
+        if dropped:
+            print(f"# timeline: {dropped} span(s) past {MAX_EVENTS} per rank not recorded: narrow --timeline-steps",
+                  flush=True)  # fmt: skip
 
 
 def _rounds_to_take(config: TrainConfig, global_step: int, left: int) -> int:
@@ -416,7 +460,7 @@ def check_outputs(config: TrainConfig, leader: bool = True) -> None:
     Raises:
         ValueError / FileNotFoundError: naming the option and what is wrong.
     """
-    for option, path in (("--save", config.save), ("--metrics", config.metrics)):
+    for option, path in (("--save", config.save), ("--metrics", config.metrics), ("--timeline", config.timeline)):
         if not path or not leader:
             continue
         folder = os.path.dirname(os.path.abspath(path))
@@ -452,6 +496,7 @@ def _identity(config: TrainConfig, strategy: Strategy) -> dict[str, Any]:
 
 def _save(config: TrainConfig, comm: Communicator, strategy: Strategy, position: Position, run_id: str) -> None:
     """Write a checkpoint of the whole training state (collective)."""
+    began = clock()
     strategy.sync()
     state = strategy.state_dict()
     meta = {
@@ -467,6 +512,7 @@ def _save(config: TrainConfig, comm: Communicator, strategy: Strategy, position:
     STATUS["checkpoint"] = checkpoint.save(
         comm, config.checkpoint_dir, position.global_step, State(state.replicated, local, meta), run_id, config.keep
     )
+    SPANS.add("checkpoint", began)
 
 
 def _json(config: TrainConfig) -> dict[str, Any]:
@@ -521,12 +567,14 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, int) else float(value)
 
 
-def _report(record: dict[str, Any], metrics_file: Any) -> None:
-    print(
+def _report(record: dict[str, Any], metrics_file: Any, breakdown: bool = False) -> None:
+    line = (
         f"epoch {record['epoch']:3d}  loss {record['loss']:.4f}  train_acc {record['train_acc']:.4f}  "
-        f"test_acc {record['test_acc']:.4f}  {record['samples_per_s']:,.0f} samples/s  {record['time_s']:.2f} s",
-        flush=True,
+        f"test_acc {record['test_acc']:.4f}  {record['samples_per_s']:,.0f} samples/s  {record['time_s']:.2f} s"
     )
+    if breakdown:  # what the main thread spent its steps on (allreduce: the overlapped worker's time)
+        line += "  |" + "".join(f" {name} {record[name + '_s']:.3f}s" for name in PHASES)
+    print(line, flush=True)
     if metrics_file is not None:
         metrics_file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
         metrics_file.flush()

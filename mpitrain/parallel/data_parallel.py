@@ -42,6 +42,7 @@ from mpitrain.parallel.base import (
 from mpitrain.parallel.local_step import LocalStep
 from mpitrain.parallel.reducer import DEFAULT_BUCKET_BYTES, GradientReducer, finite
 from mpitrain.parallel.replicas import check_replicas
+from mpitrain.timeline import SPANS
 
 PHASES = ("forward", "backward", "allreduce_wait", "optimizer")
 NONFINITE = ("abort", "skip")
@@ -138,7 +139,7 @@ class DataParallel:
             self.optimizer.step(reducer.owned if sharded else None)
         else:
             self._nonfinite(x, y)
-        t4 = clock()
+        t4 = SPANS.add("optimizer", t3)
         if sharded and averaged_finite:
             reducer.gather(self.model.flat_params)
         self._record(self.local.forward_s, self.local.backward_s, t3 - t2 + clock() - t4, t4 - t3)

@@ -14,6 +14,7 @@ from typing import Any
 from mpitrain import backend
 from mpitrain.nn import Module, Sequential
 from mpitrain.parallel.base import Loss, Sums
+from mpitrain.timeline import SPANS
 
 # Layer outputs per micro-batch when the size is automatic: small enough to keep a convolutional
 # model's activations in cache, while an MLP, which re-reads its weights per micro-batch, stays whole
@@ -99,7 +100,8 @@ class LocalStep:
                 if i == hook_at:
                     model.after_backward = None
             backend.synchronize(model.xp)
-            forward, backward = forward + t1 - t0, backward + clock() - t1
+            SPANS.add("forward", t0, t1)
+            forward, backward = forward + t1 - t0, backward + SPANS.add("backward", t1) - t1
         self.forward_s, self.backward_s = forward, backward
         return Sums(loss * len(y), correct, len(y))
 

@@ -71,6 +71,7 @@ from mpitrain.parallel.schedules import (
     owner,
     simulate,
 )
+from mpitrain.timeline import SPANS
 
 TAG_BASE = 100  # message tags: TAG_BASE + ((direction * stages) + stage) * micro-batches + micro-batch
 GATHER_TAG = 31
@@ -402,7 +403,9 @@ class Pipeline(Strategy):
             op, m, k = a.op, a.micro, a.stage
             lo, hi = self.rows[m]
             if op in (RECV_ACT, RECV_GRAD):
+                began = clock()
                 pending[op[5:], m, k].wait()
+                SPANS.add("exposed_comm", began, wait=op, micro=m, stage=k)
             elif op == FORWARD:
                 began = clock()
                 slot = taken[m, k] = free[k].pop()
@@ -420,12 +423,12 @@ class Pipeline(Strategy):
                 else:
                     buffers["out", "act", m, k + 1][...] = out
                 backend.synchronize(xp)
-                self.compute_s += clock() - began
+                self.compute_s += SPANS.add("forward", began, micro=m, stage=k) - began
             elif op == BACKWARD:
                 began = clock()
                 slot = taken.pop((m, k))
                 grad = slot.grad if k == self.last else buffers["in", "grad", m, k]
-                if index == self._last_backward[k]:  # gradients become final layer by layer: overlap
+                if index == self._last_backward[k] and self.reducer.overlap:  # final layer by layer: overlap
                     first = self.bounds[k]
                     slot.model.after_backward = lambda i, first=first: self.reducer.ready(self._final_after[first + i])
                 try:
@@ -437,17 +440,21 @@ class Pipeline(Strategy):
                 live[k] -= 1
                 free[k].append(slot)
                 backend.synchronize(xp)
-                self.compute_s += clock() - began
+                self.compute_s += SPANS.add("backward", began, micro=m, stage=k) - began
             else:
                 kind = "act" if op == SEND_ACT else "grad"
                 sends.append(self.row.isend(buffers["out", kind, m, k], a.peer, self._tag(kind, m, k)))
         backend.synchronize(xp)
+        began = clock()
         for request in sends:
             request.wait()
+        SPANS.add("exposed_comm", began, wait="sends")
         finite = self.row.all_true(self.reducer.finish())
         if not finite:
             raise mark_all_ranks(FloatingPointError(f"non-finite gradients in pipeline step {self.steps + 1}"))
+        began = clock()
         self.optimizer.step()
+        SPANS.add("optimizer", began)
         self.steps += 1
         largest = max(b - a for a, b in self.rows)
         for k in self.stages:

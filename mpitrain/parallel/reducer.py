@@ -24,6 +24,7 @@ import numpy as np
 from mpitrain import backend
 from mpitrain.comm import Communicator
 from mpitrain.comm.compress import build_compressor
+from mpitrain.timeline import SPANS, clock
 
 DEFAULT_BUCKET_BYTES = 1 << 20
 
@@ -153,19 +154,28 @@ class GradientReducer:
 
     def finish(self) -> bool:
         """Reduce the buckets not yet handed over, wait for all, and return whether the averaged
-        gradients are finite on every rank (``Communicator.all_true``)."""
+        gradients are finite on every rank (``Communicator.all_true``).
+
+        The time this keeps the caller is the step's exposed communication
+        (spans "exposed_comm"; a worker's bucket reductions are "allreduce").
+        """
         backend.synchronize(self._xp)
         for bucket in self.buckets[self._next :]:
             self._submit(bucket)
         self._next = len(self.buckets)
+        began = clock()
         if self._worker is not None:
             self._worker.wait()
-        return self._finite if self.comm.size == 1 else self.comm.all_true(self._finite)
+        finite = self._finite if self.comm.size == 1 else self.comm.all_true(self._finite)
+        SPANS.add("exposed_comm", began)
+        return finite
 
     def gather(self, buffer: Any) -> None:
         """All-gather ``buffer`` bucket by bucket, so every rank's owned chunks reach every rank (shard only)."""
+        began = clock()
         for start, stop in self.buckets:
             self.comm.allgather(buffer[start:stop], algorithm=self.shard)
+        SPANS.add("exposed_comm", began, what="allgather")
 
     def close(self) -> None:
         """End the worker thread and release the compressor's buffers (collective)."""
@@ -181,6 +191,13 @@ class GradientReducer:
             self._reduce(*bucket)
 
     def _reduce(self, start: int, stop: int) -> None:
+        began = clock()
+        self._average(start, stop)
+        # In the worker it overlaps backward; in the caller's thread it is exposed, inside finish's span.
+        name = "allreduce" if threading.current_thread() is self._worker else "exposed_comm"
+        SPANS.add(name, began, bucket=self.buckets.index((start, stop)), bytes=(stop - start) * self.grads.itemsize)
+
+    def _average(self, start: int, stop: int) -> None:
         if self.comm.size == 1 and self.shard is None and self.compressor.name == "none":  # nothing to average
             self._inspect(self.grads[start:stop])
         elif self.shard is None:
