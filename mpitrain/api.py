@@ -32,7 +32,7 @@ import numpy as np
 from mpitrain import backend
 from mpitrain.comm import Communicator
 from mpitrain.nn import Module, Sequential
-from mpitrain.optim import Optimizer
+from mpitrain.optim import Optimizer, clip_grad_norm
 from mpitrain.parallel.reducer import DEFAULT_BUCKET_BYTES, GradientReducer
 
 OPS = ("mean", "sum", "max", "min")
@@ -44,6 +44,7 @@ class _State:
     def __init__(self, comm: Communicator) -> None:
         self.comm = comm
         self.cross = comm.split(comm.local_rank)  # the ranks with this node-local rank, one per node
+        self.optimizers: list[DistributedOptimizer] = []  # open ones, in creation order (what join shadows)
         self.jobs: queue.Queue[tuple[Callable[[], Any], Handle] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="mpitrain-api", daemon=True)
         self.thread.start()
@@ -255,6 +256,43 @@ def barrier() -> None:
     _submit("barrier", lambda: comm.allreduce(np.zeros(1, np.int64))).wait()  # checked like every other call
 
 
+def join() -> int:
+    """Say this rank has run out of data, and take part in the others' steps until every rank has joined.
+
+    For uneven data (as ``hvd.join`` and PyTorch's ``Join``): a rank with no
+    batch left calls ``join()``; it then shadows the open
+    ``DistributedOptimizer``'s steps of the ranks still training, adding zeros
+    in place of its gradients and applying the same update, so replicas stay
+    identical; each step's gradients are the mean over the ranks that had a
+    batch. Returns, on every rank, the rank that joined last (the one that
+    took the most steps of its own; -1 when no DistributedOptimizer is open,
+    and then ``join`` is a barrier). Other calls made by the ranks still
+    training while some have joined are an error naming the ranks (checked
+    mode), not a hang. At most one DistributedOptimizer may be open.
+    """
+    state = _state()
+    if len(state.optimizers) > 1:
+        raise ValueError(f"join() shadows one DistributedOptimizer's steps; {len(state.optimizers)} are open")
+    if not state.optimizers:
+        barrier()
+        return -1
+    optimizer = state.optimizers[0]
+    # A rank that took its last step still counted as training in it, so at least one shadow step follows;
+    # the first step in which no rank had a batch is the last.
+    while optimizer._shadow_step() > 0:
+        pass
+    steps = allgather_object(optimizer.real_steps)
+    optimizer.real_steps = 0
+    most = max(steps)
+    return max(r for r, n in enumerate(steps) if n == most)
+
+
+def allgather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order, on every rank (an all-gather of objects)."""
+    comm = _state().comm
+    return _submit("allgather_object", lambda: comm.allgather_object(obj)).wait()
+
+
 def broadcast_parameters(model: Module, root: int = 0) -> None:
     """Give every rank ``root``'s parameters (in place), so replicas start the same; the model must be
     initialised (``init_params``)."""
@@ -303,6 +341,10 @@ class DistributedOptimizer:
             ``zero_grad()`` only after a step.
         op: "mean" (default) or "sum" over the ranks.
         bucket_bytes: gradient bytes per reduction.
+        clip_grad_norm: clip the averaged gradients to this global L2 norm
+            before each step (0: off); every rank holds the same averaged
+            values, so every rank applies the same factor. ``grad_norm`` is
+            the last step's norm before clipping.
     """
 
     def __init__(
@@ -313,7 +355,10 @@ class DistributedOptimizer:
         backward_passes_per_step: int = 1,
         op: str = "mean",
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        clip_grad_norm: float = 0.0,
     ) -> None:
+        if not clip_grad_norm >= 0:
+            raise ValueError(f"clip_grad_norm must be >= 0 (0: off), got {clip_grad_norm}")
         if op not in ("mean", "sum"):
             raise ValueError(f"DistributedOptimizer averages or sums gradients: op 'mean' or 'sum', not {op!r}")
         if backward_passes_per_step < 1:
@@ -331,6 +376,9 @@ class DistributedOptimizer:
         )
         self.passes = 0
         self.skipped_steps = 0
+        self.real_steps = 0  # steps this rank took with gradients of its own (not shadowing, see join)
+        self.clip, self.grad_norm = clip_grad_norm, 0.0
+        _state().optimizers.append(self)
         self._offsets = model.ready_offsets() if isinstance(model, Sequential) else None
         self._hook_installed = False
         self._arm()
@@ -369,19 +417,40 @@ class DistributedOptimizer:
             )
         if self._offsets is None:
             self.reducer.begin()
-        finite = self.reducer.finish()
-        if self.op == "sum":
-            self.model.flat_grads *= self.comm.size
-        if finite:
+        self.real_steps += 1
+        return self._apply(self.reducer.finish(contributes=True))
+
+    def _apply(self, finite: bool) -> bool:
+        """Step with the averaged gradients (the mean over the ranks that had a batch, when some have
+        joined); skip where not finite, or where no rank had a batch. True when it stepped."""
+        contributors = self.reducer.contributors
+        stepped = finite and contributors > 0
+        if stepped:
+            if self.op == "sum":
+                self.model.flat_grads *= self.comm.size
+            elif contributors < self.comm.size:  # joined ranks added zeros: average over the others
+                self.model.flat_grads *= self.comm.size / contributors
+            if self.clip:
+                self.grad_norm = clip_grad_norm(self.model.flat_grads, self.clip)
             self.optimizer.step()
-        else:
+        elif contributors > 0:
             self.skipped_steps += 1
         self.passes = 0
         self.reducer.begin()
-        return finite
+        return stepped
+
+    def _shadow_step(self) -> int:
+        """The step of a rank that has joined: zeros in place of its gradients, the same collectives as
+        the ranks still training, and the same update (replicas stay identical); how many ranks had a batch."""
+        self.model.flat_grads.fill(0)
+        self.reducer.begin()
+        self._apply(self.reducer.finish(contributes=False))
+        return self.reducer.contributors
 
     def close(self) -> None:
         """End the reducer's worker (collective) and remove the backward hook."""
+        if self in _state().optimizers:
+            _state().optimizers.remove(self)
         if self._hook_installed:
             self.model.after_backward = None
             self._hook_installed = False

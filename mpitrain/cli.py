@@ -19,7 +19,7 @@ from typing import Any
 import mpi4py
 from mpi4py import MPI
 
-from mpitrain import __version__, backend, checkpoint, faults, inference, plot, threads
+from mpitrain import __version__, backend, checkpoint, faults, inference, log, plot, threads
 from mpitrain.cli_types import fraction, hidden, nonneg_float, nonneg_int, positive_float, positive_int, steps_window
 from mpitrain.comm import Communicator, Tuning, mark_all_ranks, raised_on_all_ranks
 from mpitrain.comm.watchdog import GRACE, abort_job
@@ -69,6 +69,8 @@ def _train_parser(prog: str) -> _Parser:
     p.add_argument("--hidden", type=hidden, default=d.hidden, help="hidden sizes, e.g. 128,64")
     p.add_argument("--dropout", type=fraction, default=d.dropout, help="dropout after hidden layers (default 0)")
     p.add_argument("--dataset", default=d.dataset, help="digits (default), synthetic, or a Keras-layout .npz path")
+    p.add_argument("--standardize", action="store_true",
+                   help="centre, scale features by the training split's mean, deviation (kept by --save)")  # fmt: skip
     p.add_argument("--synthetic-samples", type=positive_int, default=d.synthetic_samples, help="size of synthetic")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="default %(default)s")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="per rank (default %(default)s)")
@@ -81,6 +83,8 @@ def _train_parser(prog: str) -> _Parser:
     p.add_argument("--warmup-steps", type=nonneg_int, default=d.warmup_steps, help="linear LR warm-up steps")
     p.add_argument("--scale-lr", action="store_true",
                    help="lr x data-parallel ranks, warmed up over the first 5 epochs (Goyal et al.)")  # fmt: skip
+    p.add_argument("--clip-grad-norm", type=nonneg_float, default=d.clip_grad_norm, metavar="MAX",
+                   help="clip the averaged gradients' global L2 norm to MAX (0: off; allreduce, pipeline)")  # fmt: skip
     p.add_argument("--step-size", type=nonneg_int, default=d.step_size, help="steps between decays (step schedule)")
     p.add_argument("--gamma", type=positive_float, default=d.gamma, help="decay factor (step schedule)")
     p.add_argument("--seed", type=nonneg_int, default=d.seed, help="default %(default)s")
@@ -90,6 +94,8 @@ def _train_parser(prog: str) -> _Parser:
                    help="how ranks train together (default %(default)s); each has its options below")  # fmt: skip
     p.add_argument("--check-collectives", action="store_true", help="ranks agree on every collective call first")
     p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds before a stuck job is aborted")
+    p.add_argument("--log-level", choices=log.LEVELS, default="WARNING",
+                   help="stderr records at this level and above, each with its rank (default %(default)s)")  # fmt: skip
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="write checkpoints here")
     p.add_argument("--checkpoint-every", type=nonneg_int, default=d.checkpoint_every,
                    help="steps between checkpoints (and every epoch end)")  # fmt: skip
@@ -220,6 +226,7 @@ def _run_train(args: argparse.Namespace, comm: Communicator) -> None:
         print(f"# mpitrain: {comm.size} rank(s), {count} BLAS thread(s) per rank", flush=True)
         print("# ranks (host:pid): " + " ".join(f"{r}={place}" for r, place in enumerate(places)), flush=True)
     STATUS.update(step=0, checkpoint=None, checkpoint_dir=config.checkpoint_dir)
+    log.LOGGER.debug("host:pid %s, %d BLAS thread(s)", places[comm.rank], count)
     train(config, comm)
 
 
@@ -303,7 +310,7 @@ COMMANDS = {
     "info": (_info_parser, _run_info),
     "bench": (_bench_parser, _run_bench),
 }
-BENCHMARKS = ("collectives", "training", "strategies", "pipeline")
+BENCHMARKS = ("collectives", "training", "strategies", "pipeline", "timeline")
 
 
 def parse(argv: Sequence[str], prog: str = "python -m mpitrain") -> argparse.Namespace:
@@ -345,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _keep_running_when_a_peer_fails()
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
+        log.setup(rank, MPI.COMM_WORLD.Get_size(), getattr(args, "log_level", "WARNING"))
         checked, timeout = getattr(args, "check_collectives", True), getattr(args, "timeout", None)
         COMMANDS[args.command][1](args, Communicator(checked=checked, tuning=_environment(), timeout=timeout))
     except UsageError as exc:

@@ -172,6 +172,37 @@ def _labels(path: str, key: str, y: np.ndarray, count: int, num_classes: int | N
     return labels
 
 
+@dataclass(frozen=True)
+class Scaling:
+    """Per-feature standardization: ``(x - mean) / std``, both shaped like one sample."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def of(cls, x_train: np.ndarray) -> Scaling:
+        """The training split's per-feature mean and deviation (a constant feature keeps deviation 1)."""
+        x = x_train.astype(np.float64)
+        mean, std = x.mean(axis=0), x.std(axis=0)
+        return cls(mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """``x`` standardized (a new float32 array)."""
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+    def dataset(self, data: Dataset) -> Dataset:
+        """Both splits of ``data`` standardized with this scaling."""
+        return Dataset(data.name, self.apply(data.x_train), data.y_train, self.apply(data.x_test), data.y_test,
+                       data.num_classes)  # fmt: skip
+
+
+def scale_spread(x_train: np.ndarray) -> float:
+    """How many times the widest feature's deviation exceeds the narrowest non-constant one's (1: alike)."""
+    std = x_train.reshape(len(x_train), -1).astype(np.float64).std(axis=0) if len(x_train) else np.ones(1)
+    varying = std[std > 0]
+    return float(varying.max() / varying.min()) if varying.size else 1.0
+
+
 class ShardedBatches:
     """Which training samples each rank sees, batch by batch.
 

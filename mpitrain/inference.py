@@ -2,7 +2,9 @@
 
 ``--save`` writes the architecture beside the parameters (the ``ARCHITECTURE``
 entry: model name, hidden sizes, dropout, input shape, class count, dtype, and
-the run's configuration), so neither command needs the model's flags again.
+the run's configuration), so neither command needs the model's flags again;
+a ``--standardize`` run also saves its per-feature mean and deviation
+(``SCALING``), which both commands apply to their samples.
 Both shard the samples over the ranks (each evaluated on exactly one) and
 gather on rank 0.
 """
@@ -17,20 +19,26 @@ import numpy as np
 
 from mpitrain import checkpoint
 from mpitrain.comm import Communicator
-from mpitrain.data import eval_shard, load_dataset
+from mpitrain.data import Scaling, eval_shard, load_dataset
 from mpitrain.nn import Sequential, SoftmaxCrossEntropy, build_model
 from mpitrain.parallel.base import from_json_array, json_array
 
 ARCHITECTURE = "mpitrain/architecture"
+SCALING = ("mpitrain/standardize/mean", "mpitrain/standardize/std")
 BATCH = 1024
 
 
 def architecture_entry(model: str, hidden: tuple[int, ...], dropout: float, input_shape: tuple[int, ...],
-                       num_classes: int, dtype: str, config: dict[str, Any]) -> dict[str, np.ndarray]:  # fmt: skip
-    """The entry ``--save`` adds to the parameters: what ``load`` rebuilds the model from."""
+                       num_classes: int, dtype: str, config: dict[str, Any],
+                       scaling: Scaling | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """The entries ``--save`` adds to the parameters: what ``load`` rebuilds the model from (and the
+    inputs' standardization, when the run had one)."""
     spec = {"model": model, "hidden": list(hidden), "dropout": dropout, "input_shape": list(input_shape),
             "num_classes": num_classes, "dtype": dtype, "config": config}  # fmt: skip
-    return {ARCHITECTURE: json_array(spec)}
+    entries = {ARCHITECTURE: json_array(spec)}
+    if scaling is not None:
+        entries |= {SCALING[0]: scaling.mean, SCALING[1]: scaling.std}
+    return entries
 
 
 @dataclass
@@ -39,6 +47,7 @@ class Saved:
 
     model: Sequential
     spec: dict[str, Any]
+    scaling: Scaling | None = None  # applied to every sample before the model sees it
 
 
 def load(path: str) -> Saved:
@@ -55,11 +64,12 @@ def load(path: str) -> Saved:
     if ARCHITECTURE not in arrays:
         raise ValueError(f"--model-file {path}: holds no architecture (saved before mpitrain recorded it)")
     spec = from_json_array(arrays.pop(ARCHITECTURE))
+    scaling = Scaling(arrays.pop(SCALING[0]), arrays.pop(SCALING[1])) if SCALING[0] in arrays else None
     model = build_model(spec["model"], spec["input_shape"], spec["num_classes"], tuple(spec["hidden"]),
                         dropout=spec["dropout"])  # fmt: skip
     model.init_params(dtype=np.dtype(spec["dtype"]))
     model.load_state_dict(arrays)
-    return Saved(model.eval(), spec)
+    return Saved(model.eval(), spec, scaling)
 
 
 def _fits(saved: Saved, x: np.ndarray, what: str) -> None:
@@ -70,6 +80,8 @@ def _fits(saved: Saved, x: np.ndarray, what: str) -> None:
 
 def _outputs(saved: Saved, x: np.ndarray) -> np.ndarray:
     dtype = np.dtype(saved.spec["dtype"])
+    if saved.scaling is not None:
+        x = saved.scaling.apply(x)
     parts = [saved.model.forward(x[i : i + BATCH].astype(dtype)).copy() for i in range(0, len(x), BATCH)]
     return np.concatenate(parts) if parts else np.zeros((0, saved.spec["num_classes"]), dtype)
 

@@ -253,6 +253,31 @@ class AdamW(Adam):
     decoupled = True
 
 
+def clip_grad_norm(
+    grads: Any,
+    max_norm: float,
+    ranges: Sequence[tuple[int, int]] | None = None,
+    total: Callable[[float], float] | None = None,
+) -> float:
+    """Scale ``grads`` in place so their global L2 norm is at most ``max_norm``; return the norm before.
+
+    As ``torch.nn.utils.clip_grad_norm_``: the factor is max_norm / (norm +
+    1e-6), applied only when below 1. ``ranges``: the (start, stop) parts this
+    rank holds (a sharded optimizer's owned chunks; default the whole
+    buffer); ``total`` turns this rank's sum of squares into the global one
+    (a sum over the ranks that hold the other parts), so every rank computes
+    the same norm and the same factor.
+    """
+    parts = [grads[a:b] for a, b in ranges] if ranges is not None else [grads]
+    squares = sum(float(part.dot(part)) for part in parts)
+    norm = math.sqrt(total(squares) if total is not None else squares)
+    factor = max_norm / (norm + 1e-6)
+    if factor < 1.0:
+        for part in parts:
+            part *= factor
+    return norm
+
+
 def build_optimizer(
     name: str,
     params: Any,

@@ -20,15 +20,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mpitrain import backend, checkpoint, faults, inference
+from mpitrain import backend, checkpoint, faults, inference, log
 from mpitrain.comm import Communicator, mark_all_ranks, raised_on_all_ranks
-from mpitrain.data import Dataset, ShardedBatches, eval_shard, load_dataset
+from mpitrain.data import Dataset, Scaling, ShardedBatches, eval_shard, load_dataset, scale_spread
 from mpitrain.nn import SoftmaxCrossEntropy, build_model
 from mpitrain.optim import LRSchedule, build_optimizer
 from mpitrain.parallel import Job, State, Strategy, Sums, options_for, strategy_class
 from mpitrain.timeline import MAX_EVENTS, SPANS, clock, parse_window, trace_document, trace_events
 
 EVAL_BATCH = 1024
+SPREAD_WARNING = 1e3  # feature deviations this many times apart: the header suggests --standardize
+CLIPPED = ("allreduce", "pipeline")  # strategies whose one update per step uses the averaged gradients
 # The per-phase breakdown of each metrics record (seconds of this rank's steps in the epoch).
 PHASES = ("data", "forward", "backward", "exposed_comm", "optimizer", "allreduce")
 # Where the current run stands, for the command line's Ctrl-C message: the last step begun, the newest
@@ -56,6 +58,8 @@ class TrainConfig:
     schedule: str = "constant"
     warmup_steps: int = 0
     scale_lr: bool = False
+    clip_grad_norm: float = 0.0
+    standardize: bool = False
     step_size: int = 0
     gamma: float = 0.1
     seed: int = 0
@@ -197,6 +201,7 @@ def _job(config: TrainConfig, data: Dataset, comm: Communicator, total_steps: in
         xp,
         sample_shape=tuple(data.sample_shape),
         batch_size=config.batch_size,
+        clip_grad_norm=config.clip_grad_norm,
     )
 
 
@@ -209,14 +214,21 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
     cls = strategy_class(config.strategy)
     with comm.agreement():
         cls.validate(config.options, config.batch_size, comm.size)
+        if config.clip_grad_norm and config.strategy not in CLIPPED:
+            raise ValueError(
+                f"--clip-grad-norm clips the averaged gradients of a synchronous step: --strategy "
+                f"{' or '.join(CLIPPED)}, not {config.strategy} (its updates are not one averaged step on every rank)"
+            )
         check_outputs(config, leader=comm.rank == 0)
         data = load_dataset(config.dataset, seed=config.seed, synthetic_samples=config.synthetic_samples)
+        scaling = Scaling.of(data.x_train) if config.standardize else None
+        data = scaling.dataset(data) if scaling is not None else data
         shards = cls.data_shards(config.options, comm.size)
         steps_per_epoch = ShardedBatches(len(data.x_train), config.batch_size, 0, shards, config.seed).steps_per_epoch
         job = _job(config, data, comm, config.epochs * steps_per_epoch, shards)
     strategy = cls(job, comm, config.options)
     try:
-        history = _run(config, comm, strategy, data, steps_per_epoch)
+        history = _run(config, comm, strategy, data, steps_per_epoch, scaling)
     except BaseException as exc:
         if raised_on_all_ranks(exc):  # every rank stopped at the same point: closing is collective
             strategy.close()
@@ -225,7 +237,10 @@ def train(config: TrainConfig, comm: Communicator) -> TrainResult:
     return TrainResult(strategy, history)
 
 
-def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Dataset, steps_per_epoch: int) -> list:
+def _run(
+    config: TrainConfig, comm: Communicator, strategy: Strategy, data: Dataset, steps_per_epoch: int,
+    scaling: Scaling | None = None,
+) -> list:  # fmt: skip
     leader = comm.rank == 0
     STATUS.update(step=0, checkpoint=None)
     if config.init_from and not config.resume:
@@ -347,7 +362,8 @@ def _run(config: TrainConfig, comm: Communicator, strategy: Strategy, data: Data
         arrays = strategy.export()
         if leader:  # the architecture too, so evaluate / predict need no model flags
             spec = (config.model, config.hidden, config.dropout, data.sample_shape, data.num_classes, config.dtype)
-            checkpoint.atomic_save_npz(config.save, arrays | inference.architecture_entry(*spec, _json(config)))
+            entries = inference.architecture_entry(*spec, _json(config), scaling)
+            checkpoint.atomic_save_npz(config.save, arrays | entries)
     if leader:
         _summary(config, history, time.perf_counter() - run_began, stopped_at)
     return history
@@ -443,12 +459,17 @@ def _header(config: TrainConfig, comm: Communicator, strategy: Strategy, data: D
             f"{compression} only adds work here (it pays between nodes)",
             flush=True,
         )
+    spread = scale_spread(data.x_train) if not config.standardize else 1.0
+    if spread >= SPREAD_WARNING:
+        log.job_warning(
+            f"the features' scales differ {spread:.0e}-fold (standard deviations); --standardize "
+            "trains on them centred and scaled, and the saved model applies the same to evaluate / predict"
+        )
     global_batch = config.batch_size * shards
     if global_batch > len(data.x_train):
-        print(
-            f"# warning: {readers} x batch {config.batch_size} = {global_batch} exceeds the "
-            f"{len(data.x_train)} training samples: each epoch repeats samples to fill one step",
-            flush=True,
+        log.job_warning(
+            f"{readers} x batch {config.batch_size} = {global_batch} exceeds the "
+            f"{len(data.x_train)} training samples: each epoch repeats samples to fill one step"
         )
 
 
@@ -490,6 +511,7 @@ def _identity(config: TrainConfig, strategy: Strategy) -> dict[str, Any]:
         "optimizer": config.optimizer,
         "strategy": config.strategy,
         "compression": getattr(config.options, "compression", "none"),
+        "standardize": config.standardize,
         "parameters": strategy.num_parameters(),
     }
 
@@ -513,6 +535,10 @@ def _save(config: TrainConfig, comm: Communicator, strategy: Strategy, position:
         comm, config.checkpoint_dir, position.global_step, State(state.replicated, local, meta), run_id, config.keep
     )
     SPANS.add("checkpoint", began)
+    if comm.rank == 0:
+        log.LOGGER.info(
+            "checkpoint at step %d: %s (%.3f s)", position.global_step, STATUS["checkpoint"], clock() - began
+        )
 
 
 def _json(config: TrainConfig) -> dict[str, Any]:

@@ -190,6 +190,44 @@ def test_distributed_optimizer_refuses_an_early_step_and_skips_non_finite_gradie
         mt.DistributedOptimizer(SGD(model.flat_params, model.flat_grads, 0.1), model, op="max")
 
 
+@pytest.mark.mpi
+def test_join_on_uneven_data_averages_over_the_ranks_that_had_a_batch() -> None:
+    """Rank r has r + 1 batches; after its last one it joins. Reference: one process replaying every step,
+    each step's gradient the mean over the ranks that still had a batch."""
+    size, me = WORLD.Get_size(), WORLD.Get_rank()
+    rng = np.random.default_rng(11)
+    batches = [[(rng.normal(size=(6, 8)), rng.integers(0, 4, 6)) for _ in range(r + 1)] for r in range(size)]
+    model = _model(seed=5)
+    optimizer = mt.DistributedOptimizer(SGD(model.flat_params, model.flat_grads, 0.1, momentum=0.9), model,
+                                        bucket_bytes=256)  # fmt: skip
+    loss = SoftmaxCrossEntropy()
+    for x, y in batches[me]:
+        optimizer.zero_grad()
+        _gradient_step(model, optimizer, x, y, loss)
+        assert optimizer.step()
+    last = mt.join()
+    reference = _model(seed=5)
+    ref_opt, ref_loss = SGD(reference.flat_params, reference.flat_grads, 0.1, momentum=0.9), SoftmaxCrossEntropy()
+    for step in range(size):
+        total = np.zeros_like(reference.flat_grads)
+        active = [r for r in range(size) if step < len(batches[r])]
+        for r in active:
+            reference.zero_grad()
+            _gradient_step(reference, ref_opt, *batches[r][step], ref_loss)
+            total += reference.flat_grads
+        reference.flat_grads[...] = total / len(active)
+        ref_opt.step()
+    digests = WORLD.allgather(model.flat_params.tobytes())
+    assert last == size - 1 and len(set(digests)) == 1
+    np.testing.assert_allclose(model.flat_params, reference.flat_params, rtol=1e-9, atol=1e-12)
+    x, y = batches[me][0]  # after join every rank trains again, together
+    optimizer.zero_grad()
+    _gradient_step(model, optimizer, x, y, loss)
+    assert optimizer.step() and optimizer.reducer.contributors == size
+    optimizer.close()
+    assert mt.join() == -1  # nothing to shadow: a barrier
+
+
 def test_a_call_that_some_ranks_never_make_ends_the_job_naming_them(tmp_path) -> None:
     script = tmp_path / "partial.py"
     script.write_text(

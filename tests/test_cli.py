@@ -199,7 +199,8 @@ def test_setup_errors_are_one_line_not_a_traceback_per_rank(tmp_path, args: list
 def test_a_global_batch_larger_than_the_data_is_warned_about() -> None:
     done = run_mpitrain(2, "--no-progress", "--epochs", "1", "--batch-size", "1000")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("# warning: 2 rank(s) x batch 1000 = 2000 exceeds the 1437 training samples") == 1
+    assert done.stderr.count("WARNING mpitrain: 2 rank(s) x batch 1000 = 2000 exceeds the 1437 training samples") == 1
+    assert "[rank 0/2] WARNING mpitrain: 2 rank(s) x batch 1000" in done.stderr  # once per job, from rank 0
 
 
 def test_ctrl_c_is_one_message_and_status_130(tmp_path) -> None:

@@ -72,6 +72,7 @@ class Job:
     xp: ModuleType = np
     sample_shape: tuple[int, ...] = ()  # one input sample's shape (a pipeline sizes its messages by it)
     batch_size: int = 0  # the loop's per-rank batch (0: unknown; a pipeline needs it)
+    clip_grad_norm: float = 0.0  # the averaged gradients' global norm is clipped to this (0: off)
 
 
 class State(NamedTuple):

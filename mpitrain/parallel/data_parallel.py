@@ -24,7 +24,7 @@ from mpitrain.cli_types import compression, nonneg_int, positive_float, positive
 from mpitrain.comm import Communicator, mark_all_ranks
 from mpitrain.comm.communicator import ALLREDUCE_ALGORITHMS
 from mpitrain.nn import Module, Sequential
-from mpitrain.optim import Optimizer
+from mpitrain.optim import Optimizer, clip_grad_norm
 from mpitrain.parallel.base import (
     Job,
     Loss,
@@ -69,6 +69,10 @@ class DataParallel:
             (raise on every rank, naming the step and the ranks whose local
             gradients were non-finite, found by replaying the step) or "skip"
             (no update on any rank, counted in ``skipped_steps``).
+        clip_grad_norm: clip the averaged gradients to this global L2 norm
+            before each update (0: off); the norm is computed from identical
+            values (sharded: each rank's owned chunks, summed), so every rank
+            applies the same factor. ``grad_norm`` is the last step's norm.
         shard_optimizer: reduce-scatter each bucket instead of all-reducing
             it, update only the chunks this rank owns, then all-gather the
             updated parameters (as ZeroRedundancyOptimizer, with the state
@@ -97,6 +101,7 @@ class DataParallel:
         nonfinite: str = "abort",
         micro_batch: int = 0,
         shard_optimizer: bool = False,
+        clip_grad_norm: float = 0.0,
     ) -> None:
         if optimizer.params is not model.flat_params or optimizer.grads is not model.flat_grads:
             raise ValueError("the optimizer must update the model's own flat_params and flat_grads")
@@ -114,6 +119,7 @@ class DataParallel:
         ready = model.ready_offsets() if self.reducer.overlap and isinstance(model, Sequential) else None
         self._after_backward = (lambda layer: self.reducer.ready(ready[layer])) if ready is not None else None
         self.skipped_steps = 0
+        self.clip, self.grad_norm = clip_grad_norm, 0.0
         self.timings = dict.fromkeys(PHASES, 0.0)
         self.steps = 0
 
@@ -136,6 +142,14 @@ class DataParallel:
         t3 = clock()
         sharded = self.shard is not None
         if averaged_finite:
+            if self.clip:
+                total = (
+                    (lambda sq: float(self.comm.allreduce(np.array([sq]), algorithm="doubling")[0]))
+                    if sharded
+                    else None
+                )
+                owned = reducer.owned if sharded else None
+                self.grad_norm = clip_grad_norm(self.model.flat_grads, self.clip, owned, total)
             self.optimizer.step(reducer.owned if sharded else None)
         else:
             self._nonfinite(x, y)
@@ -263,6 +277,7 @@ class AllReduce(Strategy):
             nonfinite=options.nonfinite,
             micro_batch=options.micro_batch,
             shard_optimizer=options.shard_optimizer,
+            clip_grad_norm=job.clip_grad_norm,
         )
         self._steps = 0
 
@@ -333,6 +348,7 @@ class AllReduce(Strategy):
             "steps": self._steps,
             "wait_s": self.engine.timings["allreduce_wait"],
             "sent_bytes": self.sent_bytes,
+            **({"grad_norm": self.engine.grad_norm} if self.job.clip_grad_norm else {}),
         }
 
     def close(self) -> None:

@@ -47,6 +47,7 @@ from mpitrain import backend
 from mpitrain.cli_types import positive_int
 from mpitrain.comm import Communicator, mark_all_ranks
 from mpitrain.nn import Module, Sequential
+from mpitrain.optim import clip_grad_norm
 from mpitrain.parallel.base import (
     Job,
     State,
@@ -290,6 +291,7 @@ class Pipeline(Strategy):
         self.steps = 0
         self.peak_live = dict.fromkeys(self.stages, 0)  # micro-batches held at once, counted while running
         self.peak_live_rank = 0  # the same over all of this rank's chunks together
+        self.grad_norm = 0.0  # the last step's gradient norm before clipping (--clip-grad-norm)
         self.compute_s = 0.0  # seconds of forward and backward (the rest of a step is messages and bubble)
         self.activation_bytes = dict.fromkeys(self.stages, 0)  # the layer outputs they held, at the peak
         itemsize = np.dtype(job.dtype).itemsize
@@ -453,6 +455,9 @@ class Pipeline(Strategy):
         if not finite:
             raise mark_all_ranks(FloatingPointError(f"non-finite gradients in pipeline step {self.steps + 1}"))
         began = clock()
+        if self.job.clip_grad_norm:  # the whole model's norm: this stage's squares summed over the pipeline
+            total = lambda sq: float(self.row.allreduce(np.array([sq]), algorithm="doubling")[0])  # noqa: E731
+            self.grad_norm = clip_grad_norm(self.model.flat_grads, self.job.clip_grad_norm, total=total)
         self.optimizer.step()
         SPANS.add("optimizer", began)
         self.steps += 1
@@ -576,6 +581,7 @@ class Pipeline(Strategy):
             "peak_live": [self.peak_live[k] for k in self.stages],
             "peak_live_rank": self.peak_live_rank,
             "compute_s": self.compute_s,
+            **({"grad_norm": self.grad_norm} if self.job.clip_grad_norm else {}),
             "activation_bytes": [self.activation_bytes[k] for k in self.stages],
             "sent_bytes": self.sent_bytes,
         }

@@ -127,6 +127,7 @@ class GradientReducer:
         self._xp = backend.array_module_of(grads)
         self._finite = True
         self._next = 0
+        self.contributors = comm.size  # ranks whose gradients came from a batch in the last finish
         # A worker only where it can overlap anything: with one rank there is nothing to send, and one
         # bucket can only start once backward is done; handing work to a thread then costs the step.
         useful = overlap and comm.size > 1 and len(self.buckets) > 1
@@ -152,10 +153,13 @@ class GradientReducer:
             self._submit(self.buckets[self._next])
             self._next += 1
 
-    def finish(self) -> bool:
+    def finish(self, contributes: bool = True) -> bool:
         """Reduce the buckets not yet handed over, wait for all, and return whether the averaged
-        gradients are finite on every rank (``Communicator.all_true``).
+        gradients are finite on every rank.
 
+        ``contributes``: whether this rank's gradients came from a batch (False:
+        a rank that has run out of data adds zeros, see ``api.join``);
+        ``contributors`` is then how many ranks did, the same on every rank.
         The time this keeps the caller is the step's exposed communication
         (spans "exposed_comm"; a worker's bucket reductions are "allreduce").
         """
@@ -166,7 +170,11 @@ class GradientReducer:
         began = clock()
         if self._worker is not None:
             self._worker.wait()
-        finite = self._finite if self.comm.size == 1 else self.comm.all_true(self._finite)
+        if self.comm.size == 1:
+            finite, self.contributors = self._finite, int(contributes)
+        else:  # one small all-reduce for both verdicts
+            broken, self.contributors = self.comm.count_true(not self._finite, contributes)
+            finite = broken == 0
         SPANS.add("exposed_comm", began)
         return finite
 
