@@ -22,11 +22,11 @@ STAMP := build/.installed$(subst /,_,$(abspath $(PYTHON)))
 # The launcher: the one PyPI's mpich wheel put beside $(PYTHON), else the system's.
 MPIEXEC = $$(if [ -x $(PYBIN)mpiexec ]; then echo $(PYBIN)mpiexec; else command -v mpiexec; fi)
 # Open MPI needs --oversubscribe for more ranks than cores; MPICH oversubscribes as it is.
-MPIRUN = $(MPIEXEC) $$($(MPIEXEC) --version 2>&1 | grep -q "Open MPI" && echo --oversubscribe --timeout $(TEST_TIMEOUT)) -n
+MPIRUN = $(MPIEXEC) $$($(MPIEXEC) --version 2>&1 | grep -q "Open MPI" && echo --oversubscribe --timeout $(TEST_TIMEOUT) || true) -n
 # Training jobs: under MPICH's Hydra the survivors' watchdogs name a rank that died, instead of
 # the launcher killing them first (-disable-auto-cleanup); Open MPI names the rank itself.
 TRAINRUN = $(MPIEXEC) $$($(MPIEXEC) --version 2>&1 | grep -q HYDRA && echo -disable-auto-cleanup; \
-	$(MPIEXEC) --version 2>&1 | grep -q "Open MPI" && echo --oversubscribe) -n
+	$(MPIEXEC) --version 2>&1 | grep -q "Open MPI" && echo --oversubscribe || true) -n
 # Open MPI refuses to run as root without these; MPICH ignores them.
 export OMPI_ALLOW_RUN_AS_ROOT = 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
@@ -46,8 +46,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m pip install -q -e '.[test,bench]'
 	@mkdir -p build && touch $@
 
+# Recipes print the command they run (the launcher resolved), not the shell plumbing that finds it.
 train: install
-	$(TRAINRUN) $(NP) $(PYTHON) -m mpitrain train $(ARGS)
+	@cmd="$(TRAINRUN) $(NP) $(PYTHON) -m mpitrain train $(ARGS)"; echo $$cmd; $$cmd
 
 lint: install
 	$(PYTHON) -m ruff check mpitrain benchmarks tests examples
@@ -56,14 +57,15 @@ lint: install
 test: lint
 	@set -e; for n in $(RANKS); do \
 		if [ $$n -eq 1 ]; then only=""; else only="-m mpi"; fi; \
-		echo "== pytest at $$n rank(s)"; \
-		MPIEXEC_TIMEOUT=$(TEST_TIMEOUT) $(MPIRUN) $$n $(PYTHON) -m mpi4py -m pytest \
-			-p no:cacheprovider -q --with-mpi $$only tests; \
+		cmd="$(MPIRUN) $$n $(PYTHON) -m mpi4py -m pytest -p no:cacheprovider -q --with-mpi $$only tests"; \
+		echo MPIEXEC_TIMEOUT=$(TEST_TIMEOUT) $$cmd; \
+		MPIEXEC_TIMEOUT=$(TEST_TIMEOUT) $$cmd; \
 	done
 
 bench: install
 	@mkdir -p build
-	$(MPIRUN) $(NP) $(PYTHON) -m mpitrain bench collectives --json build/collectives.json --plot build/collectives.png $(ARGS)
+	@cmd="$(MPIRUN) $(NP) $(PYTHON) -m mpitrain bench collectives --json build/collectives.json \
+		--plot build/collectives.png $(ARGS)"; echo $$cmd; $$cmd
 	$(PYTHON) -m mpitrain bench training --json build/training.json --plot build/training.png
 	$(PYTHON) -m mpitrain bench strategies --json build/strategies.json --plot build/strategies.png
 	$(PYTHON) -m mpitrain bench pipeline --json build/pipeline.json

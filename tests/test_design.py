@@ -42,3 +42,12 @@ def test_the_readme_links_the_map_instead_of_repeating_the_layout() -> None:
         readme = f.read()
     assert "docs/DESIGN.md" in readme
     assert "## Layout" not in readme
+
+
+def test_the_readme_cli_reference_is_generated_from_the_parsers() -> None:
+    from mpitrain import cli_reference
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert cli_reference.updated(readme) == readme, "stale: run python -m mpitrain.cli_reference"
+    assert "### `train`" in readme and "--timeline-steps A:B" in readme
