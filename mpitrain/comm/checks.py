@@ -6,15 +6,16 @@ problem on any rank, or fingerprints that differ, raise the same exception on
 every rank. Exceptions raised that way are marked, so a caller can tell that
 every rank has it (and report it once) from an error on one rank alone.
 
-Where ranks share node memory, ``QuickAgreement`` first compares a digest of
-the fingerprint in node-shared slots (one node barrier; a three-integer
-all-reduce between nodes): the allgather, and its pickling, run only when
-something is wrong, to name it (2 ranks: about 4 us against 20).
+Where ranks share node memory, ``QuickAgreement`` first compares checksums
+of a one-line description of the call in node-shared slots (one node
+barrier; a three-integer all-reduce between nodes): the allgather, and its
+pickling, run only when something is wrong, to name it (a checked 8-byte
+all-reduce at 2 ranks: 29 us against 48).
 """
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from mpitrain.comm.ops import DTYPES, OPS, is_floating
 from mpitrain.comm.shm import SharedBuffers
 
 _ACCEPTED = frozenset(DTYPES)  # a set lookup: this check runs before every collective
+_ACCEPTED_IDS = frozenset(id(d) for d in DTYPES)  # faster still for numpy's canonical dtype objects
 ERROR_TYPES = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, RuntimeError, MemoryError)}
 
 Problem = tuple[str, str]  # (exception class name, message)
@@ -46,11 +48,13 @@ def buffer_problem(buf: Any, writable: bool = True) -> Problem | None:
         kind = type(buf)
         name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
         return "TypeError", f"expected a numpy array (host memory), got {name}"
-    if buf.dtype not in _ACCEPTED:
-        return "TypeError", f"unsupported dtype {buf.dtype}; expected one of {', '.join(map(str, DTYPES))}"
-    if not buf.flags.c_contiguous:
+    dtype = buf.dtype
+    if id(dtype) not in _ACCEPTED_IDS and dtype not in _ACCEPTED:
+        return "TypeError", f"unsupported dtype {dtype}; expected one of {', '.join(map(str, DTYPES))}"
+    flags = buf.flags
+    if not flags.c_contiguous:
         return "ValueError", "buffer is not C-contiguous (use numpy.ascontiguousarray)"
-    if writable and not buf.flags.writeable:
+    if writable and not flags.writeable:
         return "ValueError", "buffer is read-only; collectives work in place"
     return None
 
@@ -98,7 +102,7 @@ def agree_on_call(comm: MPI.Comm, name: str, fingerprint: dict[str, Any], proble
 class QuickAgreement:
     """Whether every rank makes the same call without a problem, through node-shared slots (collective).
 
-    Each rank writes (digest, problem flag) into its slot of the turn, the
+    Each rank writes (checksum, problem flag) into its slot of the turn, the
     node syncs, and every rank reads every slot; across nodes a MAX all-reduce
     of (largest digest, minus the smallest, flag) combines the nodes. Two
     turns alternate: a rank rewrites a turn's slot only after the next call's
@@ -111,9 +115,10 @@ class QuickAgreement:
         self.turn = 0
         self._across = np.zeros(3, np.int64)
 
-    def agree(self, fingerprint: dict[str, Any], problem: Problem | None) -> bool:
-        """True when every rank passed an equal ``fingerprint`` and no ``problem``."""
-        digest = int.from_bytes(hashlib.blake2b(repr(fingerprint).encode(), digest_size=7).digest(), "little")
+    def agree(self, key: str, problem: Problem | None) -> bool:
+        """True when every rank passed an equal ``key`` (a call's description) and no ``problem``."""
+        data = key.encode()
+        digest = (zlib.crc32(data) << 30) ^ zlib.adler32(data)  # 62 bits: -digest fits an int64
         at = 2 * self.turn
         self.turn ^= 1
         slots = self.shared.slots()

@@ -28,7 +28,7 @@ from mpitrain.comm.checks import (
 )
 from mpitrain.comm.groups import Groups
 from mpitrain.comm.objects import ObjectCollectives
-from mpitrain.comm.ops import BFLOAT16, HALF, NATIVE_OPS, Inspect, combiner, finisher, wire
+from mpitrain.comm.ops import BFLOAT16, NATIVE_OPS, Inspect, combiner, finisher, is_half, wire
 from mpitrain.comm.p2p import PointToPoint
 from mpitrain.comm.shm import Reduction, SharedBuffers
 from mpitrain.comm.staging import Staging
@@ -204,7 +204,7 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
 
     def _allreduce(self, flat: np.ndarray, dtype: np.dtype, op: str, algorithm: str, shared: Any, finish) -> None:
         if algorithm == "auto":
-            algorithm = self.tuning.allreduce_algorithm(flat.nbytes, dtype in HALF, self._memory(shared))
+            algorithm = self.tuning.allreduce_algorithm(flat.nbytes, is_half(dtype), self._memory(shared))
         if algorithm == "native":
             self.comm.Allreduce(MPI.IN_PLACE, flat, op=NATIVE_OPS[op])
             if finish is not None:
@@ -385,7 +385,7 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
             return algorithm
         nbytes = flat.nbytes
         memory = self._memory(shared) if self.single_node else "none"
-        return self.tuning.scatter_gather_algorithm(name, nbytes, dtype in HALF, memory)
+        return self.tuning.scatter_gather_algorithm(name, nbytes, is_half(dtype), memory)
 
     def _find_shared(self, flat: Any) -> tuple[Any, int] | None:
         return self.shared.find(flat) if self.shared is not None else None
@@ -398,16 +398,23 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
             if problem is not None:
                 raise ERROR_TYPES[problem[0]](f"{name}: {problem[1]}")
             return
-        fingerprint = {"seq": self.sequence, "collective": name, "algorithm": algorithm, "shared": shared}
-        if op is not _ABSENT:
-            fingerprint["op"] = op
-        if root is not _ABSENT:
-            fingerprint["root"] = root
-        if problem is None:
-            fingerprint.update(length=buf.size, dtype=str(buf.dtype))
-        with self._wait(f"checking {name} #{self.sequence}", self.sequence):
-            if self._quick is None or not self._quick.agree(fingerprint, problem):
-                agree_on_call(self.comm, name, fingerprint, problem)
+        sequence = self.sequence
+        waiting = _UNWATCHED if self.watchdog is None else self._wait(lambda: f"checking {name} #{sequence}", sequence)
+        with waiting:
+            if self._quick is not None:  # one line of text for the digest; the fingerprint only when it differs
+                shown = (None if op is _ABSENT else op, None if root is _ABSENT else root)
+                size, dtype = (buf.size, buf.dtype) if problem is None else (None, None)
+                key = f"{sequence}|{name}|{algorithm}|{shared}|{shown[0]}|{shown[1]}|{size}|{dtype}"
+                if self._quick.agree(key, problem):
+                    return
+            fingerprint = {"seq": sequence, "collective": name, "algorithm": algorithm, "shared": shared}
+            if op is not _ABSENT:
+                fingerprint["op"] = op
+            if root is not _ABSENT:
+                fingerprint["root"] = root
+            if problem is None:
+                fingerprint.update(length=buf.size, dtype=str(buf.dtype))
+            agree_on_call(self.comm, name, fingerprint, problem)
 
     def watch(
         self, what: Any, sequence: int | None = None, waiting: bool = False

@@ -18,6 +18,14 @@ from mpi4py import MPI
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 HALF = (np.dtype(np.float16), BFLOAT16)  # 16-bit floats: reduced in float32, slow or impossible in MPI
+
+
+def is_half(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is float16 or bfloat16 (by identity first: dtype equality costs a microsecond, and
+    this runs in every collective's ``auto`` choice)."""
+    return dtype is HALF[0] or dtype is HALF[1] or (dtype.itemsize == 2 and dtype in HALF)
+
+
 INTEGERS = tuple(
     np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
 )
