@@ -59,7 +59,7 @@ class _Worker(threading.Thread):
     def __init__(self, work: Any) -> None:
         super().__init__(name="mpitrain-gradients", daemon=True)
         self.work = work
-        self.jobs: queue.Queue[tuple[int, int] | None] = queue.Queue()
+        self.jobs: queue.Queue[tuple[int] | None] = queue.Queue()
         self.error: BaseException | None = None
         self.start()
 
@@ -150,7 +150,7 @@ class GradientReducer:
             if not synced:  # a device's queued kernels must have written the bucket before it travels
                 backend.synchronize(self._xp)
                 synced = True
-            self._submit(self.buckets[self._next])
+            self._submit(self._next)
             self._next += 1
 
     def finish(self, contributes: bool = True) -> bool:
@@ -164,8 +164,8 @@ class GradientReducer:
         (spans "exposed_comm"; a worker's bucket reductions are "allreduce").
         """
         backend.synchronize(self._xp)
-        for bucket in self.buckets[self._next :]:
-            self._submit(bucket)
+        for index in range(self._next, len(self.buckets)):
+            self._submit(index)
         self._next = len(self.buckets)
         began = clock()
         if self._worker is not None:
@@ -192,18 +192,19 @@ class GradientReducer:
             self._worker = None
         self.compressor.close(self.comm)
 
-    def _submit(self, bucket: tuple[int, int]) -> None:
+    def _submit(self, index: int) -> None:
         if self._worker is not None:
-            self._worker.jobs.put(bucket)
+            self._worker.jobs.put((index,))
         else:
-            self._reduce(*bucket)
+            self._reduce(index)
 
-    def _reduce(self, start: int, stop: int) -> None:
+    def _reduce(self, index: int) -> None:
+        start, stop = self.buckets[index]
         began = clock()
         self._average(start, stop)
         # In the worker it overlaps backward; in the caller's thread it is exposed, inside finish's span.
         name = "allreduce" if threading.current_thread() is self._worker else "exposed_comm"
-        SPANS.add(name, began, bucket=self.buckets.index((start, stop)), bytes=(stop - start) * self.grads.itemsize)
+        SPANS.add(name, began, bucket=index, bytes=(stop - start) * self.grads.itemsize)
 
     def _average(self, start: int, stop: int) -> None:
         if self.comm.size == 1 and self.shard is None and self.compressor.name == "none":  # nothing to average
