@@ -69,7 +69,7 @@ class Staging:
         """All-reduce ``flat`` in place (module doc, steps 1-3)."""
         published = None  # the piece whose results the next sync publishes
         for ranges, areas in self._pieces(flat):
-            self._copy_in(flat, ranges, areas, skip_own=True)
+            self._copy_in(flat, ranges, areas)
             self.shared.sync(self.win)
             if published is not None:
                 self._copy_out(flat, *published)
@@ -82,7 +82,7 @@ class Staging:
         """Reduce so that this rank's chunk of ``flat`` holds the finished result; return its (start, stop).
         Other chunks keep this rank's values."""
         for ranges, areas in self._pieces(flat):
-            self._copy_in(flat, ranges, areas, skip_own=True)
+            self._copy_in(flat, ranges, areas)
             self.shared.sync(self.win)
             self._reduce_own(flat, ranges, areas, how, share=False)
         return ring.chunk_bounds(flat.size, self.shared.node.Get_size())[self.shared.node.Get_rank()]
@@ -141,10 +141,11 @@ class Staging:
         self.turn ^= 1
         return [area[start : start + self.half].view(dtype) for area in self.areas]
 
-    def _copy_in(self, flat: np.ndarray, ranges: list, areas: list[np.ndarray], skip_own: bool) -> None:
+    def _copy_in(self, flat: np.ndarray, ranges: list, areas: list[np.ndarray]) -> None:
+        """Every chunk but this rank's own into its area: what its peers reduce."""
         me = self.shared.node.Get_rank()
         for q, ((a, b), start) in enumerate(ranges):
-            if not (skip_own and q == me):
+            if q != me:
                 np.copyto(areas[me][start : start + b - a], flat[a:b])
 
     def _copy_out(self, flat: np.ndarray, ranges: list, areas: list[np.ndarray]) -> None:
