@@ -2,10 +2,15 @@
 
 Everything else receives an array module ``xp`` from here and never imports
 cupy itself. cupy is optional: without it only ``"numpy"`` is available.
+The collectives' device path needs a handful of primitives more (is this a
+device array, page-locked host memory, asynchronous copies on a side
+stream, waiting for them, which GPU a rank uses): they are here too, so
+the collectives' code has no cupy in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from types import ModuleType
@@ -69,6 +74,146 @@ def array_module_of(array: Any) -> ModuleType:
     raise TypeError(f"expected a numpy or cupy array, got {type(array).__name__}")
 
 
+def is_device_array(array: Any) -> bool:
+    """Whether ``array`` lives in GPU memory (a cupy array, or anything else with ``__cuda_array_interface__``)."""
+    return not isinstance(array, np.ndarray) and hasattr(type(array), "__cuda_array_interface__")
+
+
+def device_scope(array: Any) -> contextlib.AbstractContextManager[Any]:
+    """A context in which device work goes to ``array``'s GPU: cupy's current device is per thread, so a
+    worker thread starts on GPU 0 whatever its caller chose. A no-op for host arrays."""
+    if not is_device_array(array):
+        return contextlib.nullcontext()
+    return device_module().cuda.Device(array.device.id)  # a fresh one: each keeps its own stack of devices
+
+
+def device_module() -> ModuleType:
+    """The cupy module, for device arrays met outside a job that chose its backend (the collectives).
+
+    Raises:
+        RuntimeError: cupy is not importable or sees no GPU.
+    """
+    return get_array_module("cupy")
+
+
+def select_device(local_rank: int) -> tuple[int, int]:
+    """Make GPU ``local_rank % count`` this process's current device; (that GPU, the count).
+
+    Call it before any other CUDA work, with the rank's index on its node,
+    so the ranks of a node spread over its GPUs (round-robin when there are
+    more ranks than GPUs).
+    """
+    cupy = device_module()
+    count = cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(local_rank % count).use()
+    return local_rank % count, count
+
+
+def current_device() -> int:
+    """The index of this process's current GPU."""
+    return int(device_module().cuda.runtime.getDevice())
+
+
+def current_stream() -> Any:
+    """The stream device work is queued on now (cupy's current stream)."""
+    return device_module().cuda.get_current_stream()
+
+
+def nccl_module() -> ModuleType | None:
+    """cupy's NCCL bindings (``cupy.cuda.nccl``) when cupy, a GPU and NCCL are all there, else None."""
+    cupy = _import_cupy()
+    if cupy is None:
+        return None
+    try:
+        module = importlib.import_module("cupy.cuda.nccl")
+    except Exception:  # noqa: BLE001 - cupy built or installed without NCCL
+        return None
+    return module if getattr(module, "available", True) else None
+
+
+def device_names() -> list[str]:
+    """The name of each visible GPU (empty without cupy or a GPU)."""
+    cupy = _import_cupy()
+    if cupy is None:
+        return []
+    names = []
+    for index in range(cupy.cuda.runtime.getDeviceCount()):
+        name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
+        names.append(name.decode() if isinstance(name, bytes) else str(name))
+    return names
+
+
+class Transfers:
+    """Copies between device arrays and page-locked host memory, on side streams of their own.
+
+    What the collectives' staged path is built from: one instance per
+    Communicator, its host memory allocated once (grown to the largest
+    buffer seen) and reused by every call. Device-to-host and host-to-device
+    copies run on two streams, so the copy-in of one segment, the copy-out
+    of another and the host's MPI work on a third all overlap.
+    """
+
+    def __init__(self) -> None:
+        self.cupy = device_module()
+        self._in = self.cupy.cuda.Stream(non_blocking=True)
+        self._out = self.cupy.cuda.Stream(non_blocking=True)
+        self._host: np.ndarray = np.empty(0, np.uint8)
+        self._pinned: Any = None  # keeps the page-locked allocation alive
+        self._spare: list[np.ndarray] = []  # message buffers not in use
+
+    def host(self, nbytes: int) -> np.ndarray:
+        """At least ``nbytes`` of page-locked host memory (uint8), the same memory until a larger call."""
+        if self._host.size < nbytes:
+            size = 1 << max(nbytes - 1, 1).bit_length()
+            self._pinned = self.cupy.cuda.alloc_pinned_memory(size)
+            self._host = np.frombuffer(self._pinned, np.uint8, size)
+        return self._host[:nbytes]
+
+    def message(self, nbytes: int) -> np.ndarray:
+        """Page-locked host memory of at least ``nbytes`` (uint8) for one message, from a pool of buffers
+        that ``release`` gives back to."""
+        for index, spare in enumerate(self._spare):
+            if spare.size >= nbytes:
+                return self._spare.pop(index)
+        size = 1 << max(nbytes - 1, 1).bit_length()
+        return np.frombuffer(self.cupy.cuda.alloc_pinned_memory(size), np.uint8, size)
+
+    def release(self, host: np.ndarray) -> None:
+        """Give a buffer from ``message`` back to the pool."""
+        self._spare.append(host)
+
+    def begin(self) -> None:
+        """Order the side streams after the work queued so far on the current stream (it wrote the data)."""
+        event = self.cupy.cuda.Event(disable_timing=True)
+        event.record(self.cupy.cuda.get_current_stream())
+        self._in.wait_event(event)
+        self._out.wait_event(event)
+
+    def to_host(self, device: Any, host: np.ndarray) -> Any:
+        """Queue a copy of contiguous ``device`` into ``host`` (same byte length); an event that marks its end."""
+        return self._copy(host.ctypes.data, device.data.ptr, device.nbytes, self._in, "memcpyDeviceToHost")
+
+    def to_device(self, host: np.ndarray, device: Any) -> Any:
+        """Queue a copy of ``host`` into contiguous ``device``; an event that marks its end."""
+        return self._copy(device.data.ptr, host.ctypes.data, device.nbytes, self._out, "memcpyHostToDevice")
+
+    def _copy(self, dst: int, src: int, nbytes: int, stream: Any, kind: str) -> Any:
+        runtime = self.cupy.cuda.runtime
+        runtime.memcpyAsync(dst, src, nbytes, getattr(runtime, kind), stream.ptr)
+        event = self.cupy.cuda.Event(disable_timing=True)
+        event.record(stream)
+        return event
+
+    @staticmethod
+    def wait(event: Any) -> None:
+        """Block until the copy that ``event`` marks is done."""
+        event.synchronize()
+
+    def end(self) -> None:
+        """Block until every queued host-to-device copy is done (the collective's results are in place)."""
+        self._out.synchronize()
+
+
 def to_device(array: np.ndarray, xp: ModuleType) -> Any:
     """Copy a host array into the memory of ``xp`` (no copy for numpy)."""
     return array if xp is np else xp.asarray(array)
@@ -85,6 +230,11 @@ def synchronize(xp: ModuleType) -> None:
     """Wait until queued device work has finished (a no-op for numpy)."""
     if xp is not np:
         xp.cuda.get_current_stream().synchronize()
+
+
+def synchronize_device() -> None:
+    """Wait until the current stream's queued work is done: before MPI reads a device array directly."""
+    synchronize(device_module())
 
 
 def matmul_into(a: Any, b: Any, out: Any, add: bool, scratch: Callable[[], Any] | None = None) -> None:

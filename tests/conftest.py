@@ -51,7 +51,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _QUIET and _QUIET.get("status") not in (0, 5):  # this rank failed: its whole report is the evidence
+    if "path" in _QUIET and _QUIET.get("status") not in (0, 5):  # this rank failed: its whole report is the evidence
         sys.stdout.flush()
         with open(_QUIET["path"]) as f:
             report = f.read()

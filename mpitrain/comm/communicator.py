@@ -4,7 +4,8 @@ All collectives run on a private duplicate of the communicator passed in, so
 they never match a user's own messages (point-to-point messages have a
 duplicate of their own, see ``p2p``). Buffers are C-contiguous numpy arrays
 of the dtypes in ``ops.DTYPES`` (float16 and bfloat16 reduced in float32
-arithmetic), reduced in place.
+arithmetic), reduced in place, or device (cupy) arrays, which ``device``
+hands to a CUDA-aware MPI directly or stages through host memory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from mpitrain.backend import is_device_array
 from mpitrain.comm import doubling, ring, tree
 from mpitrain.comm.checks import (
     ERROR_TYPES,
@@ -26,6 +28,7 @@ from mpitrain.comm.checks import (
     op_problem,
     root_problem,
 )
+from mpitrain.comm.device import DeviceCollectives
 from mpitrain.comm.groups import Groups
 from mpitrain.comm.objects import ObjectCollectives
 from mpitrain.comm.ops import BFLOAT16, NATIVE_OPS, Inspect, combiner, finisher, is_half, wire
@@ -54,7 +57,7 @@ def _native_problem(algorithm: str, dtype: np.dtype) -> Problem | None:
     return None
 
 
-class Communicator(PointToPoint, ObjectCollectives, Groups):
+class Communicator(PointToPoint, ObjectCollectives, Groups, DeviceCollectives):
     """Collectives and point-to-point messages over an mpi4py communicator (default ``COMM_WORLD``).
 
     Args:
@@ -189,10 +192,15 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
         this rank reduced (all ranks' calls together see every element, once
         per node for "shm"), otherwise the whole buffer.
 
-        Raises (checked mode: on every rank): TypeError (not a numpy array, an
-        unsupported dtype); ValueError (non-contiguous or read-only, unknown op
-        or algorithm, ranks that disagree); RuntimeError (closed).
+        A device (cupy) array also takes "direct", "staged" and "nccl" (see
+        ``device``); "auto" is direct on a CUDA-aware MPI, else staged.
+
+        Raises (checked mode: on every rank): TypeError (not a numpy or device
+        array, an unsupported dtype); ValueError (non-contiguous or read-only,
+        unknown op or algorithm, ranks that disagree); RuntimeError (closed).
         """
+        if type(buf) is not np.ndarray and is_device_array(buf):
+            return self._device_allreduce(buf, op, algorithm, inspect, ALLREDUCE_ALGORITHMS)
         flat, shared = self._prepare("allreduce", buf, algorithm, ALLREDUCE_ALGORITHMS, op=op)
         finish = finisher(op, buf.dtype, self.size, inspect)
         if self.size > 1 and flat.size:
@@ -235,8 +243,11 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
         rank i, the same chunk on every node; other chunks keep this rank's
         values), or "auto" (by ``Tuning.scatter_gather_algorithm``; shm only
         on one node, where its chunks are the ranks'). ``inspect`` is
-        called with this rank's finished chunk (in parts for "shm"). Raises as ``allreduce``.
+        called with this rank's finished chunk (in parts for "shm"). Device
+        arrays: as ``allreduce`` ("nccl" excepted). Raises as ``allreduce``.
         """
+        if type(buf) is not np.ndarray and is_device_array(buf):
+            return self._device_reduce_scatter(buf, op, algorithm, inspect, SCATTER_GATHER_ALGORITHMS)
         flat, shared = self._prepare("reduce_scatter", buf, algorithm, SCATTER_GATHER_ALGORITHMS, op=op)
         algorithm = self._scatter_gather("reduce_scatter", algorithm, flat, buf.dtype, shared)
         start, stop = self._owned(flat.size, algorithm)
@@ -286,24 +297,30 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
         and algorithm on every rank (and buffers as ``allreduce``).
         algorithm: "ring", "native" (MPI's Allgatherv), "shm" (node-shared
         memory, in place or staged, chunks as ``reduce_scatter`` with "shm"
-        owns them) or "auto" (as ``reduce_scatter``). Raises as ``allreduce``.
+        owns them) or "auto" (as ``reduce_scatter``). Device arrays: as
+        ``reduce_scatter``. Raises as ``allreduce``.
         """
+        if type(buf) is not np.ndarray and is_device_array(buf):
+            return self._device_allgather(buf, algorithm, SCATTER_GATHER_ALGORITHMS)
         flat, shared = self._prepare("allgather", buf, algorithm, SCATTER_GATHER_ALGORITHMS)
         algorithm = self._scatter_gather("allgather", algorithm, flat, buf.dtype, shared)
         if self.size > 1 and flat.size:
             with self._watched("allgather", flat):
-                if algorithm == "native":
-                    bounds = self.chunk_bounds(flat.size)
-                    counts, displs = [b - a for a, b in bounds], [a for a, _ in bounds]
-                    self.comm.Allgatherv(MPI.IN_PLACE, [flat, (counts, displs)])
-                elif algorithm == "shm" and shared is None:
-                    self._staging.allgather(flat)
-                elif algorithm == "shm":
-                    window, offset = shared
-                    self.shared.allgather(window, offset, flat.size)
-                else:
-                    ring.allgather(self.comm, flat, self._segment_elems(flat))
+                self._allgather(flat, algorithm, shared)
         return buf
+
+    def _allgather(self, flat: np.ndarray, algorithm: str, shared: Any) -> None:
+        if algorithm == "native":
+            bounds = self.chunk_bounds(flat.size)
+            counts, displs = [b - a for a, b in bounds], [a for a, _ in bounds]
+            self.comm.Allgatherv(MPI.IN_PLACE, [flat, (counts, displs)])
+        elif algorithm == "shm" and shared is None:
+            self._staging.allgather(flat)
+        elif algorithm == "shm":
+            window, offset = shared
+            self.shared.allgather(window, offset, flat.size)
+        else:
+            ring.allgather(self.comm, flat, self._segment_elems(flat))
 
     def broadcast(self, buf: np.ndarray, root: int = 0, algorithm: str = "auto") -> np.ndarray:
         """Copy ``buf`` from ``root`` to every rank, in place, and return it.
@@ -312,9 +329,12 @@ class Communicator(PointToPoint, ObjectCollectives, Groups):
         as ``allreduce``). algorithm: "tree" (binomial), "scatter" (scatter +
         ring all-gather, for large buffers), "shm" (readers copy from the
         root's shared or staged buffer; tree between nodes), "native" (MPI's Bcast), or
-        "auto" (by ``Tuning.broadcast_algorithm``). Raises as ``allreduce``,
-        and ValueError for a root outside [0, size).
+        "auto" (by ``Tuning.broadcast_algorithm``). Device arrays: as
+        ``allreduce``. Raises as ``allreduce``, and ValueError for a root
+        outside [0, size).
         """
+        if type(buf) is not np.ndarray and is_device_array(buf):
+            return self._device_broadcast(buf, root, algorithm, BROADCAST_ALGORITHMS)
         flat, shared = self._prepare("broadcast", buf, algorithm, BROADCAST_ALGORITHMS, root=root)
         if self.size > 1 and flat.size:
             with self._watched("broadcast", flat):

@@ -68,7 +68,7 @@ def finisher(op: str, dtype: np.dtype, size: int, inspect: Inspect = None) -> In
     def finish(chunk: np.ndarray) -> None:
         values = logical(chunk)
         if op == "mean":
-            np.divide(values, size, out=values)
+            values /= size  # np.divide in place on a host array; the same on a device array
         if inspect is not None:
             inspect(values)
 

@@ -19,7 +19,9 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import dtlib
 
+from mpitrain.backend import is_device_array
 from mpitrain.comm.checks import ERROR_TYPES, Problem, buffer_problem
+from mpitrain.comm.device import device_buffer_problem
 from mpitrain.comm.ops import wire
 
 ANY_SOURCE = MPI.ANY_SOURCE
@@ -114,28 +116,37 @@ def wait_any(requests: Sequence[Request], watch: Watch, note: Callable[[], str] 
 
 class PointToPoint:
     """The point-to-point half of ``Communicator`` (a mixin: uses its ``_p2p``, ``size``, ``checked``,
-    ``_wait`` and ``_guard``). Buffers are C-contiguous numpy arrays of the collectives' dtypes."""
+    ``_wait``, ``_guard`` and ``_device_message``). Buffers are C-contiguous numpy arrays of the
+    collectives' dtypes, or device arrays (sent as they are to a CUDA-aware MPI, else through
+    page-locked host buffers)."""
 
     _p2p: MPI.Comm
     size: int
     sent_bytes: int
     checked: bool
     _wait: Watch
+    _device_message: Callable[[Any, bool], tuple[Any, Callable[[], None] | None]]  # see device.DeviceCollectives
 
     def _guard(self) -> None:
         raise NotImplementedError
 
-    def _message_buffer(self, buf: Any, peer: Any, tag: Any, receiving: bool) -> np.ndarray:
+    def _message_buffer(self, buf: Any, peer: Any, tag: Any, receiving: bool) -> tuple[Any, Callable[[], None] | None]:
+        """(what MPI moves for ``buf``, what to run once the message is complete, or None)."""
         self._guard()
-        problem = buffer_problem(buf, writable=receiving)
+        device = type(buf) is not np.ndarray and is_device_array(buf)
+        problem = device_buffer_problem(buf) if device else buffer_problem(buf, writable=receiving)
         problem = problem or _peer_problem(peer, self.size, "source" if receiving else "dest", receiving)
         problem = problem or _tag_problem(tag, receiving)
         if problem is not None:
             name = "recv" if receiving else "send"
             raise ERROR_TYPES[problem[0]](f"{name}: {problem[1]}")
-        return wire(buf.reshape(-1))
+        if device:
+            return self._device_message(buf.reshape(-1), receiving)
+        return wire(buf.reshape(-1)), None
 
-    def _received(self, flat: np.ndarray, status: MPI.Status) -> Message:
+    def _received(self, flat: Any, status: MPI.Status, after: Callable[[], None] | None = None) -> Message:
+        if after is not None:  # a staged device receive: its data to the device
+            after()
         count = status.Get_count(dtlib.from_numpy_dtype(flat.dtype))
         source, tag = status.Get_source(), status.Get_tag()
         if self.checked and count != flat.size:
@@ -160,10 +171,12 @@ class PointToPoint:
         Contract: the receiver posts a buffer of the same length and dtype.
         Raises ValueError / TypeError for a bad buffer, rank or tag (on this rank).
         """
-        flat = self._message_buffer(buf, dest, tag, receiving=False)
+        flat, after = self._message_buffer(buf, dest, tag, receiving=False)
         self.sent_bytes += flat.nbytes
         with self._wait(self._describe("send to", dest, tag, flat)):
             self._p2p.Send(flat, dest=dest, tag=tag)
+        if after is not None:
+            after()
 
     def recv(
         self, buf: np.ndarray, source: int = ANY_SOURCE, tag: int = ANY_TAG, note: Callable[[], str] | None = None
@@ -175,27 +188,33 @@ class PointToPoint:
         is MPI's truncation error. ``note`` adds to the watchdog's report
         should the wait overrun (e.g. which senders a server still awaits).
         """
-        flat = self._message_buffer(buf, source, tag, receiving=True)
+        flat, after = self._message_buffer(buf, source, tag, receiving=True)
         status = MPI.Status()
         what = self._describe("recv from", source, tag, flat)
         with self._wait(what if note is None else lambda: f"{what()}; {note()}"):
             self._p2p.Recv(flat, source=source, tag=tag, status=status)
-        return self._received(flat, status)
+        return self._received(flat, status, after)
 
     def isend(self, buf: np.ndarray, dest: int, tag: int = 0) -> Request:
         """Start sending ``buf`` to ``dest``; leave ``buf`` unchanged until the Request's ``wait``."""
-        flat = self._message_buffer(buf, dest, tag, receiving=False)
+        flat, after = self._message_buffer(buf, dest, tag, receiving=False)
         self.sent_bytes += flat.nbytes
         sent = Message(dest, tag, flat.size)
+
+        def finish(_: MPI.Status) -> Message:
+            if after is not None:
+                after()
+            return sent
+
         request = self._p2p.Isend(flat, dest=dest, tag=tag)
-        return Request(request, self._describe("isend to", dest, tag, flat), self._wait, lambda _: sent)
+        return Request(request, self._describe("isend to", dest, tag, flat), self._wait, finish)
 
     def irecv(self, buf: np.ndarray, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
         """Start receiving into ``buf``; the Request's ``wait`` returns the Message (checked as ``recv``)."""
-        flat = self._message_buffer(buf, source, tag, receiving=True)
+        flat, after = self._message_buffer(buf, source, tag, receiving=True)
         request = self._p2p.Irecv(flat, source=source, tag=tag)
         what = self._describe("irecv from", source, tag, flat)
-        return Request(request, what, self._wait, lambda status: self._received(flat, status))
+        return Request(request, what, self._wait, lambda status: self._received(flat, status, after))
 
     def wait_any(self, requests: Sequence[Request], note: Callable[[], str] | None = None) -> int:
         """Block until one of ``requests`` completes; its index (see ``wait_any``). A server that keeps a
@@ -213,12 +232,14 @@ class PointToPoint:
     ) -> Message:
         """Send ``sendbuf`` to ``dest`` and receive ``recvbuf`` from ``source`` at once (no deadlock when
         every rank of a ring calls it); watched. Returns the received Message."""
-        out = self._message_buffer(sendbuf, dest, sendtag, receiving=False)
-        into = self._message_buffer(recvbuf, source, recvtag, receiving=True)
+        out, sent = self._message_buffer(sendbuf, dest, sendtag, receiving=False)
+        into, after = self._message_buffer(recvbuf, source, recvtag, receiving=True)
         self.sent_bytes += out.nbytes
         status = MPI.Status()
         there, back = self._describe("sendrecv to", dest, sendtag, out), self._describe("from", source, recvtag, into)
         what = lambda: f"{there()} / {back()}"  # noqa: E731 - formatted only if overdue
         with self._wait(what):
             self._p2p.Sendrecv(out, dest, sendtag, into, source, recvtag, status=status)
-        return self._received(into, status)
+        if sent is not None:
+            sent()
+        return self._received(into, status, after)

@@ -44,6 +44,9 @@ class Tuning:
             (in place or staged); below them, MPI's native call.
         staging_bytes: one half of the staging area per rank (larger private
             buffers run in pieces of this size; the area is two halves).
+        device_segment_bytes: device arrays staged through host memory move
+            in segments of this size, the copies of one overlapping the host
+            collective of the next (all-reduce and broadcast).
     """
 
     segment_bytes: int = 1 << 18
@@ -57,6 +60,7 @@ class Tuning:
     reduce_scatter_shm_bytes: int = 1 << 16
     allgather_shm_bytes: int = 1 << 18
     staging_bytes: int = 1 << 21
+    device_segment_bytes: int = 1 << 22
 
     def __post_init__(self) -> None:
         if self.segment_bytes < 64:

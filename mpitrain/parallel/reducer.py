@@ -56,22 +56,23 @@ def plan_buckets(layout: Sequence[tuple[str, int, int]], itemsize: int, bucket_b
 class _Worker(threading.Thread):
     """Runs queued bucket averages in order; ``close`` ends it."""
 
-    def __init__(self, work: Any) -> None:
+    def __init__(self, work: Any, grads: Any) -> None:
         super().__init__(name="mpitrain-gradients", daemon=True)
-        self.work = work
+        self.work, self.scope = work, backend.device_scope(grads)  # the gradients' GPU, in this thread too
         self.jobs: queue.Queue[tuple[int] | None] = queue.Queue()
         self.error: BaseException | None = None
         self.start()
 
     def run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            try:
-                if self.error is None:
-                    self.work(*job)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller in wait()
-                self.error = exc
-            finally:
-                self.jobs.task_done()
+        with self.scope:
+            while (job := self.jobs.get()) is not None:
+                try:
+                    if self.error is None:
+                        self.work(*job)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller in wait()
+                    self.error = exc
+                finally:
+                    self.jobs.task_done()
 
     def wait(self) -> None:
         self.jobs.join()
@@ -131,7 +132,7 @@ class GradientReducer:
         # A worker only where it can overlap anything: with one rank there is nothing to send, and one
         # bucket can only start once backward is done; handing work to a thread then costs the step.
         useful = overlap and comm.size > 1 and len(self.buckets) > 1
-        self._worker = _Worker(self._reduce) if useful else None
+        self._worker = _Worker(self._reduce, grads) if useful else None
 
     @property
     def overlap(self) -> bool:

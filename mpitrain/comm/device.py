@@ -1,0 +1,279 @@
+"""Collectives and messages on device (GPU) arrays.
+
+A device array takes one of three paths, named by the ``algorithm`` a
+collective is given:
+
+- ``"direct"``: the array goes to MPI's own collective as it is (mpi4py
+  reads ``__cuda_array_interface__``), after the current stream has been
+  synchronized. Only when the library is CUDA-aware (``cuda_aware``): any
+  other MPI would read the device pointer as host memory and crash.
+- ``"staged"``: through page-locked host memory, allocated once per
+  Communicator and reused. All-reduce and broadcast run in segments of
+  ``Tuning.device_segment_bytes``: while the host collective (``auto``, as
+  for any host array) works on segment k, segment k+1 is already being
+  copied to the host and segment k-1 back to the device, on two side
+  streams. Reduce-scatter and all-gather copy only what they need (the
+  whole buffer in and this rank's chunk out, or the reverse). Any host
+  algorithm's name (``"ring"``, ``"shm"``...) is the staged path with that
+  algorithm on the host copy.
+- ``"nccl"``: NCCL through cupy (all-reduce and broadcast; one GPU per rank).
+
+``"auto"`` is direct on a CUDA-aware MPI and staged otherwise. Every call
+ends with its results in place for work queued afterwards on the current
+stream. "inspect" callbacks see the reduced values where they were reduced:
+host copies on the staged path, device arrays on the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from mpitrain import backend
+from mpitrain.comm import nccl
+from mpitrain.comm.checks import Problem, choice_problem, op_problem, root_problem
+from mpitrain.comm.cuda_aware import CudaAwareness, detect
+from mpitrain.comm.ops import BFLOAT16, DTYPES, NATIVE_OPS, Inspect, finisher
+
+PATHS = ("auto", "direct", "staged")
+DEVICE_DTYPES = tuple(d for d in DTYPES if d != BFLOAT16)  # cupy has no bfloat16
+
+
+def device_buffer_problem(buf: Any) -> Problem | None:
+    """What makes a device array unusable for a collective or a message, or None."""
+    if buf.dtype not in DEVICE_DTYPES:
+        return (
+            "TypeError",
+            f"unsupported dtype {buf.dtype} on the device; expected one of {', '.join(map(str, DEVICE_DTYPES))}",
+        )
+    if not buf.flags.c_contiguous:
+        return "ValueError", "device buffer is not C-contiguous (use cupy.ascontiguousarray)"
+    return None
+
+
+class DeviceCollectives:
+    """The device half of ``Communicator`` (a mixin: uses its ``comm``, ``size``, ``tuning``, ``_check``,
+    ``_watched`` and the host algorithms ``_allreduce`` / ``_broadcast`` / ``_reduce_scatter`` /
+    ``_scatter_gather``). Its transfers and NCCL communicator are made on first use."""
+
+    comm: MPI.Comm
+    size: int
+    _transfers: backend.Transfers | None = None
+    _nccl: nccl.Nccl | None = None
+    _awareness: CudaAwareness | None = None
+
+    @property
+    def cuda_aware(self) -> CudaAwareness:
+        """Whether this Communicator hands device arrays to MPI directly (detected once)."""
+        if self._awareness is None:
+            self._awareness = detect()
+        return self._awareness
+
+    def device_path(self, algorithm: str = "auto") -> str:
+        """What a device array given ``algorithm`` goes through: "direct", "staged" or "nccl"."""
+        if algorithm == "auto":
+            return "direct" if self.cuda_aware.aware else "staged"
+        return algorithm if algorithm in ("direct", "nccl") else "staged"
+
+    def _device_problem(self, buf: Any, algorithm: str, host: tuple[str, ...], nccl_ok: bool) -> Problem | None:
+        allowed = (*PATHS, *(("nccl",) if nccl_ok else ()), *(a for a in host if a != "auto"))
+        problem = device_buffer_problem(buf) or choice_problem("algorithm", algorithm, allowed)
+        if problem is None and algorithm == "direct" and not self.cuda_aware.aware:
+            return "ValueError", (
+                f"algorithm 'direct' hands device pointers to MPI, which is not CUDA-aware here "
+                f"({self.cuda_aware.detail}); use 'staged' or 'auto'"
+            )
+        if problem is None and algorithm == "nccl":
+            return nccl.problem()
+        return problem
+
+    def _device_prepare(
+        self, name: str, buf: Any, algorithm: str, host: tuple[str, ...], op: Any = None, root: Any = None
+    ) -> tuple[Any, str]:
+        """Checks and agreement for a device collective; (the flat array, the path it takes)."""
+        problem = self._device_problem(buf, algorithm, host, name in ("allreduce", "broadcast"))
+        if op is not None:
+            problem = problem or op_problem(op, buf.dtype)
+        if root is not None:
+            problem = problem or root_problem(root, self.size)
+        self._check(name, buf, problem, algorithm, "device", "" if op is None else op, "" if root is None else root)
+        if self.size > 1:
+            self.sent_bytes += buf.nbytes * (2 if name == "allreduce" else 1) * (self.size - 1) // self.size
+        return buf.reshape(-1), self.device_path(algorithm)
+
+    def _device_allreduce(self, buf: Any, op: str, algorithm: str, inspect: Inspect, host: tuple[str, ...]) -> Any:
+        flat, path = self._device_prepare("allreduce", buf, algorithm, host, op=op)
+        finish = finisher(op, buf.dtype, self.size, inspect)
+        if not flat.size or (self.size == 1 and finish is None):
+            return buf
+        with self._watched("allreduce", flat):
+            if path == "nccl":
+                self._nccl_comm().allreduce(flat, op)
+                if finish is not None:
+                    finish(flat)
+            elif path == "direct":
+                backend.synchronize_device()
+                if self.size > 1:
+                    self.comm.Allreduce(MPI.IN_PLACE, flat, op=NATIVE_OPS[op])
+                if finish is not None:
+                    finish(flat)
+            else:
+                method = "auto" if algorithm in PATHS else algorithm
+                run = lambda piece: self._host_allreduce(piece, buf.dtype, op, method, finish)  # noqa: E731
+                self._staged(flat, copy_in=True, copy_out=True, run=run)
+        return buf
+
+    def _host_allreduce(self, piece: np.ndarray, dtype: np.dtype, op: str, method: str, finish: Inspect) -> None:
+        if self.size > 1:
+            self._allreduce(piece, dtype, op, method, None, finish)
+        elif finish is not None:
+            finish(piece)
+
+    def _device_broadcast(self, buf: Any, root: int, algorithm: str, host: tuple[str, ...]) -> Any:
+        flat, path = self._device_prepare("broadcast", buf, algorithm, host, root=root)
+        if not flat.size or self.size == 1:
+            return buf
+        with self._watched("broadcast", flat):
+            if path == "nccl":
+                self._nccl_comm().broadcast(flat, root)
+            elif path == "direct":
+                backend.synchronize_device()
+                self.comm.Bcast(flat, root=root)
+            else:
+                method = "auto" if algorithm in PATHS else algorithm
+                run = lambda piece: self._broadcast(piece, root, method, None)  # noqa: E731
+                self._staged(flat, copy_in=self.rank == root, copy_out=self.rank != root, run=run)
+        return buf
+
+    def _device_reduce_scatter(
+        self, buf: Any, op: str, algorithm: str, inspect: Inspect, host: tuple[str, ...]
+    ) -> tuple[int, int]:
+        flat, path = self._device_prepare("reduce_scatter", buf, algorithm, host, op=op)
+        finish = finisher(op, buf.dtype, self.size, inspect)
+        bounds = self.chunk_bounds(flat.size)
+        if self.size == 1 and finish is None:
+            return bounds[0]
+        if path == "direct":
+            start, stop = bounds[self.rank]
+            if flat.size:
+                with self._watched("reduce_scatter", flat):
+                    backend.synchronize_device()
+                    result = backend.device_module().empty(stop - start, flat.dtype)
+                    self.comm.Reduce_scatter(flat, result, [b - a for a, b in bounds], op=NATIVE_OPS[op])
+                    flat[start:stop] = result
+                    if finish is not None:
+                        finish(flat[start:stop])
+            return start, stop
+        host_view = self._host_copy(flat, whole=True)
+        method = self._scatter_gather(
+            "reduce_scatter", "auto" if algorithm in PATHS else algorithm, host_view, buf.dtype, None
+        )
+        start, stop = self._owned(flat.size, method)
+        if flat.size:
+            with self._watched("reduce_scatter", flat):
+                if self.size > 1:
+                    self._reduce_scatter(host_view, buf.dtype, op, method, (start, stop), None, finish)
+                elif finish is not None:
+                    finish(host_view)
+                self._back_to_device(host_view, flat, [(start, stop)])
+        return start, stop
+
+    def _device_allgather(self, buf: Any, algorithm: str, host: tuple[str, ...]) -> Any:
+        flat, path = self._device_prepare("allgather", buf, algorithm, host)
+        if not flat.size or self.size == 1:
+            return buf
+        bounds = self.chunk_bounds(flat.size)
+        with self._watched("allgather", flat):
+            if path == "direct":
+                backend.synchronize_device()
+                counts, displs = [b - a for a, b in bounds], [a for a, _ in bounds]
+                self.comm.Allgatherv(MPI.IN_PLACE, [flat, (counts, displs)])
+                return buf
+            method = self._scatter_gather(
+                "allgather", "auto" if algorithm in PATHS else algorithm, flat, buf.dtype, None
+            )
+            start, stop = self._owned(flat.size, method)
+            host_view = self._host_copy(flat, whole=False, part=(start, stop))
+            self._allgather(host_view, method, None)
+            self._back_to_device(host_view, flat, [(0, start), (stop, flat.size)])
+        return buf
+
+    def _staged(self, flat: Any, copy_in: bool, copy_out: bool, run: Callable[[np.ndarray], None]) -> None:
+        """Run ``run`` on host copies of ``flat``'s segments, the copies of neighbouring segments overlapping it."""
+        transfers = self._transfers_for()
+        host = transfers.host(flat.nbytes).view(flat.dtype)
+        segments = list(_segments(flat.size, max(1, self.tuning.device_segment_bytes // flat.dtype.itemsize)))
+        transfers.begin()
+        arriving = transfers.to_host(flat[slice(*segments[0])], host[slice(*segments[0])]) if copy_in else None
+        for k, (a, b) in enumerate(segments):
+            upcoming = None
+            if copy_in and k + 1 < len(segments):
+                c, d = segments[k + 1]
+                upcoming = transfers.to_host(flat[c:d], host[c:d])
+            if arriving is not None:
+                transfers.wait(arriving)
+            run(host[a:b])
+            if copy_out:
+                transfers.to_device(host[a:b], flat[a:b])
+            arriving = upcoming
+        transfers.end()
+
+    def _host_copy(self, flat: Any, whole: bool, part: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """The staging memory as ``flat``'s dtype, holding all of ``flat`` (``whole``) or only ``part`` of it."""
+        transfers = self._transfers_for()
+        host = transfers.host(flat.nbytes).view(flat.dtype)
+        a, b = (0, flat.size) if whole else part
+        transfers.begin()
+        if b > a:
+            transfers.wait(transfers.to_host(flat[a:b], host[a:b]))
+        return host
+
+    def _back_to_device(self, host: np.ndarray, flat: Any, parts: list[tuple[int, int]]) -> None:
+        transfers = self._transfers_for()
+        for a, b in parts:
+            if b > a:
+                transfers.to_device(host[a:b], flat[a:b])
+        transfers.end()
+
+    def _device_message(self, flat: Any, receiving: bool) -> tuple[Any, Callable[[], None] | None]:
+        """What MPI moves for a device array's message, and what to do once the message is complete.
+
+        CUDA-aware: the array itself (the stream synchronized first), nothing
+        after. Otherwise a pooled page-locked host buffer: filled from the
+        device before a send; copied to the device after a receive; back to
+        the pool after either.
+        """
+        if self.cuda_aware.aware:
+            backend.synchronize_device()
+            return flat, None
+        transfers = self._transfers_for()
+        pooled = transfers.message(flat.nbytes)
+        host = pooled[: flat.nbytes].view(flat.dtype)
+        if not receiving:
+            transfers.begin()
+            transfers.wait(transfers.to_host(flat, host))
+            return host, lambda: transfers.release(pooled)
+
+        def arrived() -> None:
+            transfers.to_device(host, flat)
+            transfers.end()
+            transfers.release(pooled)
+
+        return host, arrived
+
+    def _transfers_for(self) -> backend.Transfers:
+        if self._transfers is None:
+            self._transfers = backend.Transfers()
+        return self._transfers
+
+    def _nccl_comm(self) -> nccl.Nccl:
+        if self._nccl is None:
+            self._nccl = nccl.Nccl(self)
+        return self._nccl
+
+
+def _segments(count: int, segment: int) -> Iterator[tuple[int, int]]:
+    return ((a, min(a + segment, count)) for a in range(0, count, segment))
