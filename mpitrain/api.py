@@ -165,10 +165,23 @@ def _submit(name: str, work: Callable[[], Any]) -> Handle:
     return handle
 
 
-def _own_copy(array: Any) -> np.ndarray:
+def _own_copy(array: Any) -> Any:
+    """A C-ordered copy of ``array`` where it lives: a device array stays on its device."""
+    if backend.is_device_array(array):
+        return backend.device_module().array(array, order="C", copy=True)
     if not isinstance(array, np.ndarray):
         array = np.asarray(array)
     return np.array(array, order="C", copy=True)
+
+
+def _on_device_of(array: Any, work: Callable[[], Any]) -> Callable[[], Any]:
+    """``work`` run on ``array``'s GPU (the worker thread would use its own default device otherwise)."""
+
+    def scoped() -> Any:
+        with backend.device_scope(array):
+            return work()
+
+    return scoped
 
 
 def _check_op(op: str) -> None:
@@ -182,7 +195,7 @@ def allreduce_async(array: Any, op: str = "mean", algorithm: str = "auto") -> Ha
     _check_op(op)
     buf = _own_copy(array)
     comm = _state().comm
-    return _submit("allreduce", lambda: comm.allreduce(buf, op=op, algorithm=algorithm))
+    return _submit("allreduce", _on_device_of(buf, lambda: comm.allreduce(buf, op=op, algorithm=algorithm)))
 
 
 def allreduce(array: Any, op: str = "mean", algorithm: str = "auto") -> np.ndarray:
@@ -200,9 +213,12 @@ def grouped_allreduce(arrays: Sequence[Any], op: str = "mean", algorithm: str = 
     dtypes = {p.dtype for p in parts}
     if len(dtypes) > 1:
         raise TypeError(f"grouped_allreduce needs one dtype, got {sorted(map(str, dtypes))}")
-    packed = np.concatenate([p.reshape(-1) for p in parts])
+    if len({backend.is_device_array(p) for p in parts}) > 1:
+        raise TypeError("grouped_allreduce needs all arrays on the host or all on the device")
+    packed = backend.array_module_of(parts[0]).concatenate([p.reshape(-1) for p in parts])
     comm = _state().comm
-    _submit("grouped_allreduce", lambda: comm.allreduce(packed, op=op, algorithm=algorithm)).wait()
+    work = _on_device_of(packed, lambda: comm.allreduce(packed, op=op, algorithm=algorithm))
+    _submit("grouped_allreduce", work).wait()
     out, start = [], 0
     for p in parts:
         out.append(packed[start : start + p.size].reshape(p.shape))
@@ -214,7 +230,7 @@ def broadcast(array: Any, root: int = 0) -> np.ndarray:
     """``root``'s ``array`` on every rank (a new array); same shape and dtype on every rank."""
     buf = _own_copy(array)
     comm = _state().comm
-    return _submit("broadcast", lambda: comm.broadcast(buf, root=root)).wait()
+    return _submit("broadcast", _on_device_of(buf, lambda: comm.broadcast(buf, root=root))).wait()
 
 
 def allgather(array: Any) -> np.ndarray:
@@ -230,7 +246,8 @@ def allgather(array: Any) -> np.ndarray:
         tails = {(shape[1:], dtype) for shape, dtype in shapes}
         if len(tails) > 1:
             raise ValueError(f"allgather: ranks disagree on the trailing shape or dtype: {shapes}")
-        out = np.empty((sum(shape[0] for shape, _ in shapes), *mine.shape[1:]), mine.dtype)
+        xp = backend.array_module_of(mine)
+        out = xp.empty((sum(shape[0] for shape, _ in shapes), *mine.shape[1:]), mine.dtype)
         start = 0
         for source, (shape, _) in enumerate(shapes):
             part = out[start : start + shape[0]]
@@ -241,7 +258,7 @@ def allgather(array: Any) -> np.ndarray:
             start += shape[0]
         return out
 
-    return _submit("allgather", work).wait()
+    return _submit("allgather", _on_device_of(mine, work)).wait()
 
 
 def broadcast_object(obj: Any, root: int = 0) -> Any:

@@ -220,11 +220,14 @@ def _run_train(args: argparse.Namespace, comm: Communicator) -> None:
     own = {f.name for f in dataclasses.fields(TrainConfig)}
     known = own | {f.name for f in dataclasses.fields(strategy_class(args.strategy).Options)}
     config = train_config(**{k: v for k, v in vars(args).items() if k in known})
+    gpus = gpu_header(comm) if config.backend == "cupy" else []  # before any other CUDA work
     # Which process is which rank, so a launcher's "process PID ... killed" names a rank.
     places = comm.allgather_object(f"{MPI.Get_processor_name()}:{os.getpid()}")
     if comm.rank == 0:
         print(f"# mpitrain: {comm.size} rank(s), {count} BLAS thread(s) per rank", flush=True)
         print("# ranks (host:pid): " + " ".join(f"{r}={place}" for r, place in enumerate(places)), flush=True)
+        for line in gpus:
+            print(line, flush=True)
     STATUS.update(step=0, checkpoint=None, checkpoint_dir=config.checkpoint_dir)
     log.LOGGER.debug("host:pid %s, %d BLAS thread(s)", places[comm.rank], count)
     train(config, comm)
@@ -245,10 +248,43 @@ def _run_info(args: argparse.Namespace, comm: Communicator) -> None:
     print("hosts:         " + ", ".join(f"{h} ({n} rank(s))" for h, n in per_host.items()))
     for name, text in backend.available_backends().items():
         print(f"backend:       {name}: {text}")
+    for line in device_report(comm):
+        print(line)
     print(f"threads:       {count} per rank ({threads.cores_available()} core(s) visible)")
     print(f"collectives:   {comm.tuning.describe()} (override with MPITRAIN_<NAME> variables)")
     for line in threads.thread_pools():
         print(f"thread pool:   {line}")
+
+
+def device_report(comm: Communicator) -> list[str]:
+    """``info``'s lines on GPUs: which are visible, whether MPI is CUDA-aware, the path each collective
+    takes for a device array (rank 0's view)."""
+    names = backend.device_names()
+    lines = [f"GPUs:          {len(names)}: {', '.join(names)}" if names else "GPUs:          none visible"]
+    lines.append(f"CUDA-aware MPI: {comm.cuda_aware.describe()}")
+    nccl = backend.nccl_module() is not None
+    for name in ("allreduce", "broadcast", "reduce_scatter", "allgather", "send/recv"):
+        other = "nccl" if nccl and name in ("allreduce", "broadcast") else None
+        also = " (also: algorithm='nccl')" if other else ""
+        lines.append(f"device path:   {name}: {comm.device_path()}{also}")
+    return lines
+
+
+def gpu_header(comm: Communicator) -> list[str]:
+    """Give each rank its GPU by its node-local rank (collective); the run header's lines about it.
+
+    More ranks on a node than GPUs share them round-robin, and the header says so.
+    """
+    with comm.agreement():  # no cupy or no GPU on some rank: one error on every rank
+        gpu, count = backend.select_device(comm.local_rank)
+    chosen = comm.allgather_object((MPI.Get_processor_name(), gpu, count))
+    lines = ["# GPUs (rank=host:GPU): " + " ".join(f"{r}={h}:{g}" for r, (h, g, _) in enumerate(chosen))]
+    crowded = {host: n for host, _, n in chosen if sum(1 for h, _, _ in chosen if h == host) > n}
+    for host, n in crowded.items():
+        ranks = sum(1 for h, _, _ in chosen if h == host)
+        lines.append(f"# note: {ranks} ranks share {n} GPU(s) on {host}, round-robin")
+    lines.append(f"# CUDA-aware MPI: {comm.cuda_aware.describe()}; device collectives: {comm.device_path()}")
+    return lines
 
 
 def _evaluate_parser(prog: str) -> _Parser:
