@@ -14,7 +14,7 @@ import pytest
 
 from mpitrain import backend
 from mpitrain.comm import Communicator, Tuning
-from mpitrain.nn import SoftmaxCrossEntropy, build_model
+from mpitrain.nn import MaskStream, SoftmaxCrossEntropy, build_model
 from mpitrain.train import train, train_config
 from tests.conftest import WORLD, rank_data, shared_folder
 from tests.test_comm import max_error, native_reduce, tolerance
@@ -56,6 +56,14 @@ def test_every_layer_forward_and_backward_on_cupy_equal_numpys(name: str, shape:
     (host_loss, host_grads), (device_loss, device_grads) = results
     assert abs(host_loss - device_loss) <= 1e-5 * max(1.0, abs(host_loss))
     assert np.allclose(device_grads, host_grads, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_masks_drawn_on_the_device_equal_numpys() -> None:
+    cupy = backend.get_array_module("cupy")
+    for p in (0.1, 0.5):
+        host = MaskStream(9).keep(np, (256, 333), p)
+        device = MaskStream(9).keep(cupy, (256, 333), p)
+        assert isinstance(device, cupy.ndarray) and np.array_equal(cupy.asnumpy(device), host)
 
 
 @pytest.mark.mpi

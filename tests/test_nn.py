@@ -10,6 +10,7 @@ from mpitrain.nn import (
     Dropout,
     Flatten,
     Linear,
+    MaskStream,
     MaxPool2d,
     Module,
     MSELoss,
@@ -145,6 +146,27 @@ def test_dropout_gradient_and_eval() -> None:
     assert layer.forward(x) is x
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         Dropout(1.0)
+
+
+def test_dropout_masks_are_fair_independent_and_replayable() -> None:
+    stream = MaskStream(11)
+    first = stream.keep(np, (400, 500), 0.25)
+    second = stream.keep(np, (400, 500), 0.25)
+    n = first.size
+    bound = 5 * np.sqrt(0.25 * 0.75 / n)  # five standard deviations of the kept fraction
+    assert abs(first.mean() - 0.75) < bound and abs(second.mean() - 0.75) < bound
+    both = (first & second).mean()  # independent masks: P(kept twice) = 0.75^2
+    assert abs(both - 0.75**2) < 5 * np.sqrt(0.5625 * 0.4375 / n)
+    neighbours = (first[:, :-1] & first[:, 1:]).mean()  # adjacent elements independent too
+    assert abs(neighbours - 0.75**2) < 5 * np.sqrt(0.5625 * 0.4375 / n)
+    other_seed = MaskStream(12).keep(np, (400, 500), 0.25)
+    assert abs((first & other_seed).mean() - 0.75**2) < 5 * np.sqrt(0.5625 * 0.4375 / n)
+    replay = MaskStream(0)
+    replay.state = {"seed": 11, "count": 1}
+    np.testing.assert_array_equal(replay.keep(np, (400, 500), 0.25), second)
+    assert MaskStream(3).keep(np, (1000,), 0.0).all()
+    with pytest.raises(ValueError, match="seed and count"):
+        replay.state = {"bit_generator": "PCG64"}
 
 
 def test_softmax_cross_entropy_gradient_and_stability() -> None:

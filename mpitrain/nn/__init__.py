@@ -1,7 +1,7 @@
 """Neural-network core on numpy or cupy. Knows nothing of MPI."""
 
 from mpitrain.nn.conv import Conv2d, MaxPool2d
-from mpitrain.nn.layers import Dropout, Flatten, Linear, ReLU, Sigmoid, Tanh
+from mpitrain.nn.layers import Dropout, Flatten, Linear, MaskStream, ReLU, Sigmoid, Tanh
 from mpitrain.nn.losses import MSELoss, SoftmaxCrossEntropy
 from mpitrain.nn.models import MODELS, build_model
 from mpitrain.nn.module import Module, Parameter, Sequential
@@ -13,6 +13,7 @@ __all__ = [
     "Flatten",
     "Linear",
     "MSELoss",
+    "MaskStream",
     "MaxPool2d",
     "Module",
     "Parameter",

@@ -121,25 +121,79 @@ class Sigmoid(Module):
         return grad * self._y * (1 - self._y)
 
 
+class MaskStream:
+    """Dropout's random stream: mask ``k`` is a hash of (seed, k, element index), computed where the
+    activations are.
+
+    On cupy the mask is drawn on the device (no per-step host copy), and
+    numpy and cupy give the same bits: it is integer arithmetic (a
+    multiply-add of the index, then the "lowbias32" avalanche of 32-bit
+    multiplies and xor-shifts), which wraps the same way on both. The whole
+    state is two integers, so a checkpoint or a replayed micro-batch
+    restores it exactly.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.count = int(seed), 0
+
+    @property
+    def state(self) -> dict[str, int]:
+        """The stream's position: restoring it repeats the masks from there."""
+        return {"seed": self.seed, "count": self.count}
+
+    @state.setter
+    def state(self, value: dict[str, int]) -> None:
+        if not isinstance(value, dict) or set(value) != {"seed", "count"}:
+            raise ValueError(f"not a dropout stream's state (expected seed and count): {value!r}")
+        self.seed, self.count = int(value["seed"]), int(value["count"])
+
+    def keep(self, xp: Any, shape: tuple[int, ...], p: float) -> Any:
+        """The next mask: a boolean array of ``shape``, each element True with probability 1 - p."""
+        size = int(np.prod(shape, dtype=np.int64))
+        if size >= 1 << 32:
+            raise ValueError(f"Dropout masks index elements in 32 bits; {size} elements is too many")
+        key = _splitmix64((self.seed << 32) ^ self.count) & 0xFFFFFFFF
+        self.count += 1
+        u32 = np.uint32
+        h = xp.arange(size, dtype=xp.uint32)
+        h *= u32(0x9E3779B9)
+        h += u32(key)
+        for shift, factor in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            h ^= h >> u32(shift)
+            h *= u32(factor)
+        h ^= h >> u32(16)
+        return (h >= u32(min(round(p * 2**32), 2**32 - 1))).reshape(shape)
+
+
+def _splitmix64(x: int) -> int:
+    """A 64-bit mix of ``x`` (Python integers: the per-mask key, on the host)."""
+    mask = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
 class Dropout(Module):
     """Zero each input with probability p in training, scaling the rest by 1/(1-p).
 
-    The masks come from ``numpy.random.default_rng(seed)``, so a seeded run is
-    reproducible; give each rank its own seed for independent masks.
+    The masks come from a ``MaskStream(seed)``, drawn on the activations'
+    device, so a seeded run is reproducible, the same on numpy and cupy;
+    give each rank its own seed for independent masks.
     """
 
     def __init__(self, p: float = 0.5, seed: int = 0) -> None:
         if not 0.0 <= p < 1.0:
             raise ValueError(f"Dropout probability must be in [0, 1), got {p!r}")
         self.p = float(p)
-        self.rng = np.random.default_rng(seed)
+        self.random_stream = MaskStream(seed)
 
     def forward(self, x: Any) -> Any:
         if not self.training or self.p == 0.0:
             self._mask = None
             return x
-        keep = self.rng.random(x.shape) >= self.p
-        self._mask = backend.to_device((keep / (1.0 - self.p)).astype(x.dtype), self.xp)
+        keep = self.random_stream.keep(self.xp, x.shape, self.p)
+        self._mask = (keep / (1.0 - self.p)).astype(x.dtype)
         return x * self._mask
 
     def backward(self, grad: Any) -> Any:

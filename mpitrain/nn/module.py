@@ -155,7 +155,7 @@ class Module:
 
     def random_state(self) -> list[dict[str, Any]]:
         """The state of every random stream in this model (Dropout masks), in ``modules()`` order."""
-        return [m.rng.bit_generator.state for m in self.modules() if getattr(m, "rng", None) is not None]
+        return [m.random_stream.state for m in self.modules() if getattr(m, "random_stream", None) is not None]
 
     def set_random_state(self, states: list[dict[str, Any]]) -> None:
         """Restore what ``random_state`` returned (the same model structure).
@@ -163,11 +163,11 @@ class Module:
         Raises:
             ValueError: the number of streams differs.
         """
-        owners = [m for m in self.modules() if getattr(m, "rng", None) is not None]
+        owners = [m for m in self.modules() if getattr(m, "random_stream", None) is not None]
         if len(owners) != len(states):
             raise ValueError(f"the model has {len(owners)} random streams, the state holds {len(states)}")
         for module, state in zip(owners, states, strict=True):
-            module.rng.bit_generator.state = state
+            module.random_stream.state = state
 
     def train(self, mode: bool = True) -> Module:
         """Set training mode (affects Dropout) on this module and its descendants."""

@@ -175,8 +175,8 @@ def _twin(fresh: Sequential, chunk: Sequential) -> Sequential:
         p.data, p.grad = q.data, q.grad
     for m, n in zip(fresh.modules(), chunk.modules(), strict=True):
         m.xp, m.training = n.xp, n.training
-        if getattr(n, "rng", None) is not None:
-            m.rng = n.rng
+        if getattr(n, "random_stream", None) is not None:
+            m.random_stream = n.random_stream
     fresh.need_input_grad = chunk.need_input_grad
     return fresh
 
