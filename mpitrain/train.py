@@ -25,7 +25,7 @@ from mpitrain.comm import Communicator, mark_all_ranks, raised_on_all_ranks
 from mpitrain.data import Dataset, Scaling, ShardedBatches, eval_shard, load_dataset, scale_spread
 from mpitrain.nn import SoftmaxCrossEntropy, build_model
 from mpitrain.optim import LRSchedule, build_optimizer
-from mpitrain.parallel import Job, State, Strategy, Sums, options_for, strategy_class
+from mpitrain.parallel import Job, State, Strategy, Sums, Totals, options_for, strategy_class
 from mpitrain.timeline import MAX_EVENTS, SPANS, clock, parse_window, trace_document, trace_events
 
 EVAL_BATCH = 1024
@@ -278,7 +278,7 @@ def _run(
         traffic = [0, 0]  # bytes this rank sent inside its steps, its steps (this epoch)
         SPANS.take()  # the phases of this epoch's steps only
         first = position.step_in_epoch if epoch == position.epoch else 0
-        totals = position.totals if epoch == position.epoch else np.zeros(3)  # loss sum, correct, count
+        totals = Totals(position.totals if epoch == position.epoch else np.zeros(3))  # loss sum, correct, count
         bar = tqdm(
             total=steps_per_epoch,
             initial=first,
@@ -311,7 +311,7 @@ def _run(
                     sums = strategy.step(x, y)
                     traffic[0] += comm.sent_bytes - sent
                 faults.after_step(comm.rank, time.perf_counter() - began, idx is not None)
-                totals += sums
+                totals.add(sums)
                 traffic[1] += 1
                 bar.update()
             position.global_step += count
@@ -320,13 +320,15 @@ def _run(
             bar.refresh()
             every = config.checkpoint_every if config.checkpoint_dir else 0
             if every and position.global_step % every == 0 and step_in_epoch < steps_per_epoch:
-                _save(config, comm, strategy, Position(epoch, step_in_epoch, position.global_step, totals), run_id)
+                at = Position(epoch, step_in_epoch, position.global_step, totals.read())
+                _save(config, comm, strategy, at, run_id)
         bar.close()
         if step_in_epoch < steps_per_epoch:
             stopped_at = (position.global_step, epoch + 1)
             break  # stopped by max_steps inside the epoch: no evaluation of a partial epoch
         train_time = time.perf_counter() - start
         phases = SPANS.take()
+        totals = totals.read()
         comm.allreduce(totals, op="sum")
         strategy.sync()
         strategy.check()

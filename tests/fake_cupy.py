@@ -25,6 +25,47 @@ COPIES = {"to_host": 0, "to_device": 0}
 class _Flags:
     def __init__(self, a: np.ndarray) -> None:
         self.c_contiguous = a.flags.c_contiguous
+        self.f_contiguous = a.flags.f_contiguous
+
+
+def _unwrap(x: Any) -> Any:
+    if isinstance(x, ndarray):
+        return x._a
+    if isinstance(x, np.ndarray):  # cupy refuses host arrays where it wants device ones
+        raise TypeError(f"Unsupported type {type(x)} (a host array given to a device function)")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(v) for v in x)
+    return x
+
+
+def _wrap(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return ndarray(x)
+    if isinstance(x, np.generic):  # cupy's reductions return 0-d device arrays
+        return ndarray(np.asarray(x))
+    if isinstance(x, tuple):
+        return tuple(_wrap(v) for v in x)
+    return x
+
+
+class _Device_function:
+    """A numpy function (or namespace) made to take and return "device" arrays, as cupy's do."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._target(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()})
+        return _wrap(result)
+
+    def __getattr__(self, name: str) -> Any:
+        return _lift(getattr(self._target, name))
+
+
+def _lift(obj: Any) -> Any:
+    if isinstance(obj, type) or not (callable(obj) or isinstance(obj, types.ModuleType)):
+        return obj  # dtypes and constants are numpy's own, as in cupy
+    return _Device_function(obj)
 
 
 class ndarray:
@@ -38,6 +79,9 @@ class ndarray:
     size = property(lambda self: self._a.size)
     nbytes = property(lambda self: self._a.nbytes)
     ndim = property(lambda self: self._a.ndim)
+    itemsize = property(lambda self: self._a.itemsize)
+    strides = property(lambda self: self._a.strides)
+    T = property(lambda self: ndarray(self._a.T))
     flags = property(lambda self: _Flags(self._a))
     data = property(lambda self: types.SimpleNamespace(ptr=self._a.ctypes.data))
     device = property(lambda self: _Device(0))
@@ -62,23 +106,66 @@ class ndarray:
         return len(self._a)
 
     def __getitem__(self, key: Any) -> ndarray:
-        return ndarray(self._a[key])
+        return _wrap(self._a[_unwrap(key)])
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._a[key] = value._a if isinstance(value, ndarray) else value
+        if isinstance(value, np.ndarray) and value.ndim:  # cupy copies host data in: count it
+            COPIES["to_device"] += 1
+            self._a[_unwrap(key)] = value
+            return
+        self._a[_unwrap(key)] = _unwrap(value)
 
-    def __itruediv__(self, other: Any) -> ndarray:
-        self._a /= other
+    def _scalar(self, kind: type) -> Any:
+        COPIES["to_host"] += 1  # a device scalar read on the host is a copy
+        return kind(self._a)
+
+    def __float__(self) -> float:
+        return self._scalar(float)
+
+    def __int__(self) -> int:
+        return self._scalar(int)
+
+    def __bool__(self) -> bool:
+        return self._scalar(bool)
+
+    def item(self) -> Any:
+        COPIES["to_host"] += 1
+        return self._a.item()
+
+    def get(self, stream: Any = None, out: Any = None) -> np.ndarray:
+        COPIES["to_host"] += 1
+        return self._a.copy()
+
+    def __getattr__(self, name: str) -> Any:  # reshape, view, sum, max, astype, fill, ... as numpy's
+        if name.startswith("__"):  # no __dlpack__ or __array_interface__: memory only through the CAI
+            raise AttributeError(name)
+        return _lift(getattr(self._a, name))
+
+
+def _operator(name: str) -> Any:
+    def apply(self: ndarray, *args: Any) -> Any:
+        return _wrap(getattr(self._a, name)(*_unwrap(args)))
+
+    return apply
+
+
+def _in_place(name: str) -> Any:
+    def apply(self: ndarray, other: Any) -> ndarray:
+        getattr(self._a, name)(_unwrap(other))
         return self
 
-    def reshape(self, *shape: Any) -> ndarray:
-        return ndarray(self._a.reshape(*shape))
+    return apply
 
-    def view(self, dtype: Any) -> ndarray:
-        return ndarray(self._a.view(dtype))
 
-    def get(self) -> np.ndarray:
-        return self._a.copy()
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift",
+              "rshift"):  # fmt: skip
+    for _form in (f"__{_name}__", f"__r{_name}__"):
+        setattr(ndarray, _form, _operator(_form))
+    setattr(ndarray, f"__i{_name}__", _in_place(f"__i{_name}__"))
+for _form in ("__neg__", "__pos__", "__abs__", "__invert__", "__lt__", "__le__", "__gt__", "__ge__", "__eq__",
+              "__ne__"):  # fmt: skip
+    setattr(ndarray, _form, _operator(_form))
+ndarray.__hash__ = None  # type: ignore[assignment]
 
 
 class Stream:
@@ -129,13 +216,19 @@ def _memcpy(dst: int, src: int, nbytes: int, kind: int, stream: int) -> None:
 
 def _module() -> types.ModuleType:
     cupy = types.ModuleType("cupy")
+    cupy.__getattr__ = lambda name: _lift(getattr(np, name))  # every other name: numpy's, on "device" arrays
     cupy.__version__ = "0-stand-in"
     cupy.ndarray = ndarray
-    cupy.asarray = lambda a, dtype=None: ndarray(np.array(a, dtype=dtype))
-    cupy.empty = lambda shape, dtype=np.float32: ndarray(np.empty(shape, dtype))
+
+    def asarray(a: Any, dtype: Any = None) -> ndarray:
+        if isinstance(a, ndarray):
+            return a if dtype is None else ndarray(a._a.astype(dtype))
+        COPIES["to_device"] += 1
+        return ndarray(np.array(a, dtype=dtype))
+
+    cupy.asarray = asarray
     cupy.asnumpy = lambda a: a.get()
-    cupy.array = lambda a, order="K", copy=True: ndarray(np.array(a._a, order=order, copy=copy))
-    cupy.concatenate = lambda parts: ndarray(np.concatenate([part._a for part in parts]))
+    cupy.array = lambda a, order="K", copy=True: ndarray(np.array(asarray(a)._a, order=order, copy=copy))
     runtime = types.SimpleNamespace(
         getDeviceCount=lambda: 1,
         getDevice=lambda: _Device.current,

@@ -18,13 +18,16 @@ sending fewer bytes than the float32 values:
   is lost, only delayed.
 
 Wire buffers are allocated once (node-shared where possible) and reused;
-``close`` gives them back.
+``close`` gives them back. Device (cupy) gradients are compressed on the
+device, their wire buffers and residuals there too: fp16 and top-k. bf16
+needs a bfloat16 dtype, which cupy lacks, and is refused for them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import ModuleType
 
 import numpy as np
 
@@ -57,9 +60,13 @@ class Compressor:
 class CastCompressor(Compressor):
     """fp16 or bf16 on the wire: half the bytes of float32."""
 
-    def __init__(self, comm: Communicator, count: int, kind: str) -> None:
+    def __init__(self, comm: Communicator, count: int, kind: str, xp: ModuleType = np) -> None:
         self.name = kind
-        self.wire = comm.allocate(count, np.float16 if kind == "fp16" else BFLOAT16)
+        if xp is not np and kind == "bf16":
+            raise ValueError("compression 'bf16' needs host gradients (cupy has no bfloat16); use fp16 on the GPU")
+        self.xp = xp
+        dtype = np.float16 if kind == "fp16" else BFLOAT16
+        self.wire = comm.allocate(count, dtype) if xp is np else xp.zeros(count, dtype)
 
     def reduce_mean(
         self, comm: Communicator, grads: np.ndarray, start: int, stop: int, algorithm: str, inspect: Inspect = None
@@ -71,9 +78,9 @@ class CastCompressor(Compressor):
             np.copyto(values, wire)
         else:
             scale = self._scale(comm, values)
-            np.multiply(values, scale, out=wire, casting="same_kind")
+            self.xp.multiply(values, np.float32(scale), out=wire, casting="same_kind")
             comm.allreduce(wire, op="mean", algorithm=algorithm)
-            np.multiply(wire, np.float32(1.0 / scale), out=values)  # exact: scale is a power of two
+            self.xp.multiply(wire, np.float32(1.0 / scale), out=values)  # exact: scale is a power of two
         if inspect is not None:
             inspect(values)
 
@@ -81,7 +88,7 @@ class CastCompressor(Compressor):
     def _scale(comm: Communicator, values: np.ndarray) -> float:
         """The power of two that brings the largest magnitude on any rank to at most 65504 / ranks
         (so the float32 sum of the float16 values cannot overflow); 1 for zeros, NaN or Inf."""
-        peak = np.array([max(float(values.max(initial=0.0)), -float(values.min(initial=0.0)))])
+        peak = np.array([max(float(values.max()), -float(values.min())) if values.size else 0.0])
         comm.allreduce(peak, op="max")
         if not 0.0 < peak[0] < math.inf:
             return 1.0
@@ -94,22 +101,24 @@ class CastCompressor(Compressor):
 class TopKCompressor(Compressor):
     """Top-k sparsification with error feedback; every rank ends with the same averaged sparse sum."""
 
-    def __init__(self, count: int, ratio: float) -> None:
+    def __init__(self, count: int, ratio: float, xp: ModuleType = np) -> None:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"top-k ratio must be in (0, 1], got {ratio}")
         self.name = f"topk:{ratio:g}"
         self.ratio = ratio
-        self.residual = np.zeros(count, np.float32)
+        self.xp = xp
+        self.residual = xp.zeros(count, np.float32)
 
     def reduce_mean(
         self, comm: Communicator, grads: np.ndarray, start: int, stop: int, algorithm: str, inspect: Inspect = None
     ) -> None:
+        xp = self.xp
         acc = self.residual[start:stop]
         acc += grads[start:stop]
         k = self._k(stop - start)
-        keep = np.sort(np.argpartition(np.abs(acc), acc.size - k)[acc.size - k :])
-        indices = np.empty(k * comm.size, np.int64)
-        values = np.empty(k * comm.size, np.float32)
+        keep = xp.sort(xp.argpartition(xp.abs(acc), acc.size - k)[acc.size - k :])
+        indices = xp.empty(k * comm.size, np.int64)
+        values = xp.empty(k * comm.size, np.float32)
         mine = slice(comm.rank * k, (comm.rank + 1) * k)
         indices[mine], values[mine] = keep, acc[keep]
         acc[keep] = 0.0  # what was sent leaves the residual; the rest waits for the next step
@@ -117,7 +126,9 @@ class TopKCompressor(Compressor):
         comm.allgather(values)
         out = grads[start:stop]
         out.fill(0.0)
-        np.add.at(out, indices, values)  # rank order, the same on every rank
+        for rank in range(comm.size):  # rank order, the same on every rank; a rank's indices are distinct
+            part = slice(rank * k, (rank + 1) * k)
+            out[indices[part]] += values[part]
         out /= comm.size
         if inspect is not None:
             inspect(out)
@@ -126,16 +137,17 @@ class TopKCompressor(Compressor):
         return max(1, math.ceil(self.ratio * count))
 
 
-def build_compressor(spec: str, comm: Communicator, count: int) -> Compressor:
-    """Compressor from a spec: "none", "fp16", "bf16" or "topk:RATIO" (e.g. topk:0.01).
+def build_compressor(spec: str, comm: Communicator, count: int, xp: ModuleType = np) -> Compressor:
+    """Compressor from a spec: "none", "fp16", "bf16" or "topk:RATIO" (e.g. topk:0.01), for gradients of
+    the array module ``xp`` (numpy or cupy).
 
     Raises:
-        ValueError: an unknown spec or a ratio outside (0, 1].
+        ValueError: an unknown spec, a ratio outside (0, 1], or bf16 of device gradients.
     """
     if spec == "none":
         return Compressor()
     if spec in ("fp16", "bf16"):
-        return CastCompressor(comm, count, spec)
+        return CastCompressor(comm, count, spec, xp)
     if spec.startswith("topk:"):
         try:
             ratio = float(spec[5:])
@@ -143,5 +155,5 @@ def build_compressor(spec: str, comm: Communicator, count: int) -> Compressor:
             ratio = math.nan
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"compression {spec!r}: expected topk:RATIO with RATIO in (0, 1], e.g. topk:0.01")
-        return TopKCompressor(count, ratio)
+        return TopKCompressor(count, ratio, xp)
     raise ValueError(f"unknown compression {spec!r}; expected one of {', '.join(KINDS)}")

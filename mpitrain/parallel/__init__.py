@@ -1,6 +1,6 @@
 """Training strategies behind one interface (``base.Strategy``), chosen by name with ``--strategy``."""
 
-from mpitrain.parallel.base import STRATEGIES, Job, State, Strategy, Sums, options_for, register
+from mpitrain.parallel.base import STRATEGIES, Job, State, Strategy, Sums, Totals, options_for, register
 from mpitrain.parallel.base import get as strategy_class
 from mpitrain.parallel.data_parallel import AllReduce, DataParallel
 from mpitrain.parallel.gossip import Gossip
@@ -28,6 +28,7 @@ __all__ = [
     "Strategy",
     "Sums",
     "SyncParameterServer",
+    "Totals",
     "options_for",
     "register",
     "strategy_class",

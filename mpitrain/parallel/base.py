@@ -44,15 +44,44 @@ from mpitrain.data import ShardedBatches
 from mpitrain.nn import Module
 from mpitrain.optim import Optimizer
 
-Loss = Any  # an object with forward(output, target) -> float and backward() -> d(loss)/d(output)
+Loss = Any  # forward(output, target) -> float, forward_value(...) -> a 0-d array, backward() -> d(loss)/d(output)
 
 
 class Sums(NamedTuple):
-    """What a step or an evaluation adds to the loop's totals on this rank."""
+    """What a step or an evaluation adds to the loop's totals on this rank: numbers, or (a training step
+    on a GPU) 0-d device arrays, which the loop sums on the device and reads once an epoch."""
 
-    loss: float  # loss summed over the samples (mean loss x samples)
-    correct: int
+    loss: Any  # loss summed over the samples (mean loss x samples)
+    correct: Any
     samples: int
+
+
+class Totals:
+    """A rank's running (loss sum, correct, samples) over an epoch's steps: in a host array, with what GPU
+    steps returned summed on their device and added in by ``read`` (once an epoch, and at a checkpoint:
+    a resumed run then sums in the same order as one that went through)."""
+
+    def __init__(self, start: np.ndarray) -> None:
+        self.host = start
+        self.device: Any = None
+
+    def add(self, sums: Sums) -> None:
+        """Add a step's sums (device values stay on the device)."""
+        if not backend.is_device_array(sums.loss):
+            self.host += sums
+            return
+        if self.device is None:
+            self.device = backend.array_module_of(sums.loss).zeros(2, np.float64)
+        self.device[0] += sums.loss
+        self.device[1] += sums.correct
+        self.host[2] += sums.samples
+
+    def read(self) -> np.ndarray:
+        """The totals so far, on the host (3 float64)."""
+        if self.device is not None:
+            self.host[:2] += backend.to_host(self.device)
+            self.device.fill(0)
+        return self.host
 
 
 @dataclass

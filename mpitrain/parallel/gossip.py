@@ -80,7 +80,7 @@ class Gossip(LocalReplicas):
 
     def __init__(self, job: Job, comm: Communicator, options: GossipOptions) -> None:
         super().__init__(job, comm, options)
-        self._received = [np.empty_like(self.model.flat_params) for _ in range(2)]
+        self._received = [job.xp.empty_like(self.model.flat_params) for _ in range(2)]
 
     def communicate(self) -> None:
         self.optimizer.step()

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from mpitrain import backend
 from mpitrain.nn import Module, Sequential
 from mpitrain.parallel.base import Loss, Sums
@@ -84,8 +86,9 @@ class LocalStep:
             t0 = clock()
             output = model.forward(xm)
             weight = len(ym) / len(y)
-            loss += weight * self.loss.forward(output, ym)
-            correct += int((output.argmax(axis=1) == ym).sum())
+            # 0-d arrays where the model is: a GPU step reads no scalar back (float64, as a Python float sums)
+            loss = loss + weight * self.loss.forward_value(output, ym).astype(np.float64)
+            correct = correct + (output.argmax(axis=1) == ym).sum()
             grad = self.loss.backward()
             if pieces > 1:
                 grad *= weight

@@ -123,7 +123,7 @@ class GradientReducer:
             raise ValueError(f"a sharded reduction works with uncompressed gradients, not compression {compression!r}")
         self.comm, self.grads, self.algorithm, self.shard = comm, grads, algorithm, shard
         self.buckets = plan_buckets(layout, grads.dtype.itemsize, bucket_bytes)
-        self.compressor = build_compressor(compression, comm, grads.size)
+        self.compressor = build_compressor(compression, comm, grads.size, backend.array_module_of(grads))
         self.owned: list[tuple[int, int]] = []  # with shard: the (start, stop) this rank holds averaged
         self._xp = backend.array_module_of(grads)
         self._finite = True
