@@ -182,6 +182,19 @@ class Transfers:
         """Give a buffer from ``message`` back to the pool."""
         self._spare.append(host)
 
+    def pin(self, host: np.ndarray) -> bool:
+        """Page-lock host memory allocated elsewhere (a node-shared window), so copies to and from it run
+        asynchronously; False where CUDA refuses (copies then still work, the driver staging them)."""
+        try:
+            self.cupy.cuda.runtime.hostRegister(host.ctypes.data, host.nbytes, 0)
+        except Exception:  # noqa: BLE001 - cupy raises its own CUDARuntimeError; any refusal means "not pinned"
+            return False
+        return True
+
+    def unpin(self, host: np.ndarray) -> None:
+        """Undo ``pin`` (before the memory is freed)."""
+        self.cupy.cuda.runtime.hostUnregister(host.ctypes.data)
+
     def begin(self) -> None:
         """Order the side streams after the work queued so far on the current stream (it wrote the data)."""
         event = self.cupy.cuda.Event(disable_timing=True)

@@ -20,6 +20,7 @@ import numpy as np
 
 INTERFACE_READS = [0]  # how often __cuda_array_interface__ was read (MPI reading "device" pointers)
 COPIES = {"to_host": 0, "to_device": 0}
+REGISTERED: set[int] = set()  # host memory page-locked through hostRegister, by address
 
 
 class _Flags:
@@ -234,6 +235,8 @@ def _module() -> types.ModuleType:
         getDevice=lambda: _Device.current,
         getDeviceProperties=lambda i: {"name": b"stand-in GPU"},
         memcpyAsync=_memcpy,
+        hostRegister=lambda pointer, nbytes, flags: REGISTERED.add(pointer),
+        hostUnregister=REGISTERED.remove,
         memcpyHostToDevice=1,
         memcpyDeviceToHost=2,
     )
@@ -249,11 +252,62 @@ def _module() -> types.ModuleType:
     return cupy
 
 
-def install(monkeypatch: Any) -> types.ModuleType:
-    """Make ``import cupy`` give the stand-in for the rest of the test; the module."""
+def _pointer_array(pointer: int, count: int, dtype: Any) -> np.ndarray:
+    """The ``count`` elements at a "device" pointer (host memory here) as a numpy array."""
+    nbytes = count * np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_char * nbytes).from_address(pointer), dtype, count) if count else np.empty(0, dtype)
+
+
+def _nccl_module() -> types.ModuleType:
+    """cupy.cuda.nccl's calls that ``comm.nccl`` makes, carried out by MPI over COMM_WORLD on host memory."""
+    from mpi4py import MPI
+
+    nccl = types.ModuleType("cupy.cuda.nccl")
+    types_ = {"NCCL_FLOAT16": np.float16, "NCCL_FLOAT32": np.float32, "NCCL_FLOAT64": np.float64,
+              "NCCL_INT8": np.int8, "NCCL_UINT8": np.uint8, "NCCL_INT32": np.int32, "NCCL_UINT32": np.uint32,
+              "NCCL_INT64": np.int64, "NCCL_UINT64": np.uint64}  # fmt: skip
+    dtypes = {}
+    for code, (name, dtype) in enumerate(types_.items()):
+        setattr(nccl, name, code)
+        dtypes[code] = dtype
+    ops = {0: MPI.SUM, 1: MPI.MAX, 2: MPI.MIN}
+    nccl.NCCL_SUM, nccl.NCCL_MAX, nccl.NCCL_MIN = 0, 1, 2
+    nccl.available = True
+    nccl.calls = []  # (name, count, dtype) of each call, for the tests
+    nccl.get_unique_id = lambda: tuple(range(128))
+
+    class NcclCommunicator:
+        def __init__(self, ndev: int, uid: tuple, rank: int) -> None:
+            if (ndev, rank) != (MPI.COMM_WORLD.Get_size(), MPI.COMM_WORLD.Get_rank()) or len(uid) != 128:
+                raise RuntimeError(f"NCCL stand-in: bad communicator arguments {ndev}, {rank}")
+            self.comm = MPI.COMM_WORLD
+
+        def allReduce(self, send: int, recv: int, count: int, datatype: int, op: int, stream: int) -> None:
+            nccl.calls.append(("allReduce", count, datatype))
+            into = _pointer_array(recv, count, dtypes[datatype])
+            source = MPI.IN_PLACE if send == recv else _pointer_array(send, count, dtypes[datatype])
+            if dtypes[datatype] == np.float16:  # MPI has no float16 sum: in float32, as NCCL accumulates
+                wide = into.astype(np.float32)
+                self.comm.Allreduce(MPI.IN_PLACE, wide, op=ops[op])
+                into[...] = wide
+            else:
+                self.comm.Allreduce(source, into, op=ops[op])
+
+        def bcast(self, buff: int, count: int, datatype: int, root: int, stream: int) -> None:
+            nccl.calls.append(("bcast", count, datatype))
+            self.comm.Bcast(_pointer_array(buff, count, dtypes[datatype]), root=root)
+
+    nccl.NcclCommunicator = NcclCommunicator
+    return nccl
+
+
+def install(monkeypatch: Any, nccl: bool = False) -> types.ModuleType:
+    """Make ``import cupy`` give the stand-in for the rest of the test (with a stand-in NCCL if ``nccl``,
+    else none); the module."""
     module = _module()
     monkeypatch.setitem(sys.modules, "cupy", module)
-    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", None)  # importing it raises ImportError
+    # None: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", _nccl_module() if nccl else None)
     INTERFACE_READS[0] = 0
     COPIES.update(to_host=0, to_device=0)
     return module

@@ -55,10 +55,13 @@ def test_staged_allreduce_equals_the_host_algorithm_and_mpi_never_sees_the_devic
             x = rank_data(n, dtype, comm.rank, seed=5)
             device = cupy.asarray(x)
             comm.allreduce(device, op=op, algorithm=algorithm)
-            expected = x.copy()  # the same host algorithm, segment by segment
+            # The same host algorithm, segment by segment, on node-shared memory as the staged path uses.
+            expected = comm.allocate(n, dtype) if comm.shared is not None else np.empty(n, dtype)
+            expected[...] = x
             step = SMALL_SEGMENTS.device_segment_bytes // x.itemsize
             for a in range(0, n, step):
                 comm.allreduce(expected[a : a + step], op=op, algorithm="auto" if algorithm == "staged" else algorithm)
+            expected = expected.copy()
             tol = tolerance(x.astype(np.float32)) * relative_eps(dtype)
             if not np.array_equal(device.get(), expected, equal_nan=True):
                 wrong.append((n, op, "differs from the host algorithm"))
@@ -208,10 +211,15 @@ def test_staging_memory_is_allocated_once_and_reused(device_comm):
     cupy, comm = device_comm
     for _ in range(3):  # "mean": staged at one rank too (it has values to finish)
         comm.allreduce(cupy.asarray(rank_data(5000, np.float32, comm.rank)), op="mean")
-    first = comm._transfers.host(1).ctypes.data
+    first = comm._staging_memory(1, np.dtype(np.float32)).ctypes.data
     comm.allreduce(cupy.asarray(rank_data(5000, np.float32, comm.rank)), op="mean")
     comm.reduce_scatter(cupy.asarray(rank_data(3000, np.float32, comm.rank)))
-    assert comm._transfers.host(1).ctypes.data == first
+    staging = comm._staging_memory(1, np.dtype(np.float32))
+    assert staging.ctypes.data == first
+    assert comm.shares(staging) == (comm.shared is not None)  # node-shared: the host collective is shm in place
+    assert (staging.ctypes.data in fake_cupy.REGISTERED) == (comm.shared is not None)  # and page-locked
+    comm.close()
+    assert not fake_cupy.REGISTERED  # unlocked before the window went
 
 
 @pytest.mark.mpi
@@ -238,3 +246,37 @@ def test_the_library_api_reduces_device_arrays_on_the_device(monkeypatch: pytest
     pieces = [rank_data(1001, np.float32, r, seed=10)[: r + 1] for r in range(P)]
     assert np.array_equal(gathered.get(), np.concatenate(pieces))
     assert fake_cupy.INTERFACE_READS[0] == 0
+
+
+@pytest.mark.mpi
+def test_nccl_reduces_and_broadcasts_with_one_gpu_per_rank_and_refuses_shared_ones(monkeypatch):
+    from mpitrain import backend
+
+    cupy = fake_cupy.install(monkeypatch, nccl=True)
+    nccl = backend.nccl_module()
+    wrong = []
+    with Communicator() as shared:  # one "GPU" for every rank
+        if P > 1:
+            with pytest.raises(ValueError, match="one GPU per rank"):
+                shared.allreduce(cupy.asarray(np.ones(4, np.float32)), algorithm="nccl")
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", lambda: P)
+    backend.select_device(WORLD.Get_rank())
+    with Communicator() as comm:
+        for dtype in (np.float16, np.float32, np.int64):
+            for op in ("sum", "mean", "max") if np.dtype(dtype).kind == "f" else ("sum", "min"):
+                x = rank_data(1001, dtype, comm.rank, seed=12)
+                device = cupy.asarray(x)
+                comm.allreduce(device, op=op, algorithm="nccl")
+                tol = tolerance(x.astype(np.float32)) * relative_eps(dtype)
+                if max_error(device.get(), native_reduce(x, op)) > tol:
+                    wrong.append((dtype.__name__, op))
+            x = rank_data(77, dtype, comm.rank, seed=13)
+            device = cupy.asarray(x)
+            comm.broadcast(device, root=P - 1, algorithm="nccl")
+            expected = x.copy()
+            WORLD.Bcast(expected, root=P - 1)
+            if not np.array_equal(device.get(), expected):
+                wrong.append((dtype.__name__, "broadcast"))
+    assert not wrong
+    assert {name for name, _, _ in nccl.calls} == ({"allReduce", "bcast"} if P > 1 else {"allReduce"})
+    assert fake_cupy.INTERFACE_READS[0] == 0  # NCCL takes pointers; MPI saw no device array

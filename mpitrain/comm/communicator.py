@@ -368,6 +368,7 @@ class Communicator(PointToPoint, ObjectCollectives, Groups, DeviceCollectives):
         if self._owns_watchdog:
             self.watchdog.stop()  # before the window that holds its progress array goes
         if self.shared is not None:
+            self._close_device()
             self._staging.free()
             self.shared.free()
         self._p2p.Free()

@@ -8,7 +8,10 @@ collective is given:
   synchronized. Only when the library is CUDA-aware (``cuda_aware``): any
   other MPI would read the device pointer as host memory and crash.
 - ``"staged"``: through page-locked host memory, allocated once per
-  Communicator and reused. All-reduce and broadcast run in segments of
+  Communicator and reused: node-shared memory (a window per dtype, page-
+  locked with ``cudaHostRegister``) where the node has it, so the host
+  collective is ``shm`` in place with no host copy of its own; private
+  page-locked memory otherwise. All-reduce and broadcast run in segments of
   ``Tuning.device_segment_bytes``: while the host collective (``auto``, as
   for any host array) works on segment k, segment k+1 is already being
   copied to the host and segment k-1 back to the device, on two side
@@ -64,6 +67,7 @@ class DeviceCollectives:
     _transfers: backend.Transfers | None = None
     _nccl: nccl.Nccl | None = None
     _awareness: CudaAwareness | None = None
+    _windows: dict[np.dtype, tuple[np.ndarray, bool]] | None = None  # staging memory per dtype, pinned or not
 
     @property
     def cuda_aware(self) -> CudaAwareness:
@@ -128,7 +132,7 @@ class DeviceCollectives:
 
     def _host_allreduce(self, piece: np.ndarray, dtype: np.dtype, op: str, method: str, finish: Inspect) -> None:
         if self.size > 1:
-            self._allreduce(piece, dtype, op, method, None, finish)
+            self._allreduce(piece, dtype, op, method, self._find_shared(piece), finish)
         elif finish is not None:
             finish(piece)
 
@@ -144,7 +148,7 @@ class DeviceCollectives:
                 self.comm.Bcast(flat, root=root)
             else:
                 method = "auto" if algorithm in PATHS else algorithm
-                run = lambda piece: self._broadcast(piece, root, method, None)  # noqa: E731
+                run = lambda piece: self._broadcast(piece, root, method, self._find_shared(piece))  # noqa: E731
                 self._staged(flat, copy_in=self.rank == root, copy_out=self.rank != root, run=run)
         return buf
 
@@ -167,15 +171,16 @@ class DeviceCollectives:
                     if finish is not None:
                         finish(flat[start:stop])
             return start, stop
-        host_view = self._host_copy(flat, whole=True)
+        host_view = self._host_copy(flat)
+        shared = self._find_shared(host_view)
         method = self._scatter_gather(
-            "reduce_scatter", "auto" if algorithm in PATHS else algorithm, host_view, buf.dtype, None
+            "reduce_scatter", "auto" if algorithm in PATHS else algorithm, host_view, buf.dtype, shared
         )
         start, stop = self._owned(flat.size, method)
         if flat.size:
             with self._watched("reduce_scatter", flat):
                 if self.size > 1:
-                    self._reduce_scatter(host_view, buf.dtype, op, method, (start, stop), None, finish)
+                    self._reduce_scatter(host_view, buf.dtype, op, method, (start, stop), shared, finish)
                 elif finish is not None:
                     finish(host_view)
                 self._back_to_device(host_view, flat, [(start, stop)])
@@ -192,19 +197,21 @@ class DeviceCollectives:
                 counts, displs = [b - a for a, b in bounds], [a for a, _ in bounds]
                 self.comm.Allgatherv(MPI.IN_PLACE, [flat, (counts, displs)])
                 return buf
+            host_view = self._staging_memory(flat.size, flat.dtype)
+            shared = self._find_shared(host_view)
             method = self._scatter_gather(
-                "allgather", "auto" if algorithm in PATHS else algorithm, flat, buf.dtype, None
+                "allgather", "auto" if algorithm in PATHS else algorithm, host_view, buf.dtype, shared
             )
             start, stop = self._owned(flat.size, method)
-            host_view = self._host_copy(flat, whole=False, part=(start, stop))
-            self._allgather(host_view, method, None)
+            self._host_copy(flat, (start, stop))
+            self._allgather(host_view, method, shared)
             self._back_to_device(host_view, flat, [(0, start), (stop, flat.size)])
         return buf
 
     def _staged(self, flat: Any, copy_in: bool, copy_out: bool, run: Callable[[np.ndarray], None]) -> None:
         """Run ``run`` on host copies of ``flat``'s segments, the copies of neighbouring segments overlapping it."""
         transfers = self._transfers_for()
-        host = transfers.host(flat.nbytes).view(flat.dtype)
+        host = self._staging_memory(flat.size, flat.dtype)
         segments = list(_segments(flat.size, max(1, self.tuning.device_segment_bytes // flat.dtype.itemsize)))
         transfers.begin()
         arriving = transfers.to_host(flat[slice(*segments[0])], host[slice(*segments[0])]) if copy_in else None
@@ -221,15 +228,48 @@ class DeviceCollectives:
             arriving = upcoming
         transfers.end()
 
-    def _host_copy(self, flat: Any, whole: bool, part: tuple[int, int] = (0, 0)) -> np.ndarray:
-        """The staging memory as ``flat``'s dtype, holding all of ``flat`` (``whole``) or only ``part`` of it."""
+    def _host_copy(self, flat: Any, part: tuple[int, int] | None = None) -> np.ndarray:
+        """The staging memory as ``flat``'s dtype, holding all of ``flat`` or only ``part`` of it."""
         transfers = self._transfers_for()
-        host = transfers.host(flat.nbytes).view(flat.dtype)
-        a, b = (0, flat.size) if whole else part
+        host = self._staging_memory(flat.size, flat.dtype)
+        a, b = (0, flat.size) if part is None else part
         transfers.begin()
         if b > a:
             transfers.wait(transfers.to_host(flat[a:b], host[a:b]))
         return host
+
+    def _staging_memory(self, count: int, dtype: np.dtype) -> np.ndarray:
+        """``count`` elements of host memory for a staged collective (collective: every rank asks alike).
+
+        Node-shared where the node has shared memory, one window per dtype,
+        grown (by powers of two) only for a larger buffer and page-locked
+        when CUDA allows; the host collective then reads peers' copies in
+        place. Private page-locked memory otherwise.
+        """
+        transfers = self._transfers_for()
+        if self.shared is None:
+            return transfers.host(count * dtype.itemsize).view(dtype)
+        if self._windows is None:
+            self._windows = {}
+        held = self._windows.get(dtype)
+        if held is None or held[0].size < count:
+            if held is not None:
+                self._forget_window(*held)
+            window = self.allocate(1 << max(count - 1, 1).bit_length(), dtype)
+            held = self._windows[dtype] = (window, transfers.pin(window))
+        return held[0][:count]
+
+    def _forget_window(self, window: np.ndarray, pinned: bool) -> None:
+        if pinned:
+            self._transfers_for().unpin(window)
+        self.release(window)
+
+    def _close_device(self) -> None:
+        """Give back the staging windows' page-locking (before the windows are freed)."""
+        for window, pinned in (self._windows or {}).values():
+            if pinned:
+                self._transfers_for().unpin(window)
+        self._windows = None
 
     def _back_to_device(self, host: np.ndarray, flat: Any, parts: list[tuple[int, int]]) -> None:
         transfers = self._transfers_for()
