@@ -7,8 +7,8 @@
 (staged; direct where MPI is CUDA-aware; nccl where cupy has it and every
 rank has a GPU of its own), 1 to 256 MiB, beside a device-to-host copy of
 the same size into page-locked memory, which bounds the staged path. At one
-rank the all-reduce moves nothing and its busbw is 0: the staged path's
-copies are then what is timed (``copy-only``).
+rank a sum all-reduce has nothing to do and returns at once (busbw 0): the
+one-rank run is there for the copy column, the staging limit.
 
 ``training``: one step (forward, backward, SGD update) of the
 784-1024-1024-10 MLP and of the CNN on 1x28x28 images, float32, batch 512

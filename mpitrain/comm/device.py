@@ -111,7 +111,11 @@ class DeviceCollectives:
     def _device_allreduce(self, buf: Any, op: str, algorithm: str, inspect: Inspect, host: tuple[str, ...]) -> Any:
         flat, path = self._device_prepare("allreduce", buf, algorithm, host, op=op)
         finish = finisher(op, buf.dtype, self.size, inspect)
-        if not flat.size or (self.size == 1 and finish is None):
+        if not flat.size:
+            return buf
+        if self.size == 1:  # nothing to reduce: finish on the device, no copy
+            if finish is not None:
+                finish(flat)
             return buf
         with self._watched("allreduce", flat):
             if path == "nccl":
@@ -120,8 +124,7 @@ class DeviceCollectives:
                     finish(flat)
             elif path == "direct":
                 backend.synchronize_device()
-                if self.size > 1:
-                    self.comm.Allreduce(MPI.IN_PLACE, flat, op=NATIVE_OPS[op])
+                self.comm.Allreduce(MPI.IN_PLACE, flat, op=NATIVE_OPS[op])
                 if finish is not None:
                     finish(flat)
             else:
@@ -131,10 +134,7 @@ class DeviceCollectives:
         return buf
 
     def _host_allreduce(self, piece: np.ndarray, dtype: np.dtype, op: str, method: str, finish: Inspect) -> None:
-        if self.size > 1:
-            self._allreduce(piece, dtype, op, method, self._find_shared(piece), finish)
-        elif finish is not None:
-            finish(piece)
+        self._allreduce(piece, dtype, op, method, self._find_shared(piece), finish)
 
     def _device_broadcast(self, buf: Any, root: int, algorithm: str, host: tuple[str, ...]) -> Any:
         flat, path = self._device_prepare("broadcast", buf, algorithm, host, root=root)
@@ -158,7 +158,9 @@ class DeviceCollectives:
         flat, path = self._device_prepare("reduce_scatter", buf, algorithm, host, op=op)
         finish = finisher(op, buf.dtype, self.size, inspect)
         bounds = self.chunk_bounds(flat.size)
-        if self.size == 1 and finish is None:
+        if self.size == 1:  # the whole buffer is this rank's chunk: finish it on the device, no copy
+            if finish is not None and flat.size:
+                finish(flat)
             return bounds[0]
         if path == "direct":
             start, stop = bounds[self.rank]
@@ -179,10 +181,7 @@ class DeviceCollectives:
         start, stop = self._owned(flat.size, method)
         if flat.size:
             with self._watched("reduce_scatter", flat):
-                if self.size > 1:
-                    self._reduce_scatter(host_view, buf.dtype, op, method, (start, stop), shared, finish)
-                elif finish is not None:
-                    finish(host_view)
+                self._reduce_scatter(host_view, buf.dtype, op, method, (start, stop), shared, finish)
                 self._back_to_device(host_view, flat, [(start, stop)])
         return start, stop
 
