@@ -4,7 +4,8 @@
     python benchmarks/gpu.py training --json build/gpu_training.json
 
 ``collectives``: busbw of a device all-reduce for each available path
-(staged; direct where MPI is CUDA-aware; nccl where cupy has it and every
+(staged, with the host's adds; staged-gpu, with the GPUs' adds, on one
+node; direct where MPI is CUDA-aware; nccl where cupy has it and every
 rank has a GPU of its own), 1 to 256 MiB, beside a device-to-host copy of
 the same size into page-locked memory, which bounds the staged path. At one
 rank a sum all-reduce has nothing to do and returns at once (busbw 0): the
@@ -141,7 +142,8 @@ def collectives(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     comm = Communicator()
     backend.select_device(comm.local_rank)
     cupy = backend.device_module()
-    paths = ["staged"] + (["direct"] if comm.cuda_aware.aware else [])
+    paths = ["staged"] + (["staged-gpu"] if comm.single_node and comm.size > 1 else [])
+    paths += ["direct"] if comm.cuda_aware.aware else []
     gpus = comm.allgather_object((comm.local_rank, backend.current_device()))
     own_gpus = len(set(gpus)) == len(gpus) and cupy.cuda.runtime.getDeviceCount() >= comm.local_size
     if backend.nccl_module() is not None and own_gpus:  # NCCL refuses two ranks on one GPU

@@ -21,7 +21,7 @@ from mpi4py import MPI
 
 from mpitrain import __version__, backend, checkpoint, faults, inference, log, plot, threads
 from mpitrain.cli_types import fraction, hidden, nonneg_float, nonneg_int, positive_float, positive_int, steps_window
-from mpitrain.comm import Communicator, Tuning, mark_all_ranks, raised_on_all_ranks
+from mpitrain.comm import Communicator, Tuning, cuda_aware, mark_all_ranks, raised_on_all_ranks
 from mpitrain.comm.watchdog import GRACE, abort_job
 from mpitrain.config_file import config_arguments
 from mpitrain.nn import MODELS
@@ -261,11 +261,12 @@ def device_report(comm: Communicator) -> list[str]:
     takes for a device array (rank 0's view)."""
     names = backend.device_names()
     lines = [f"GPUs:          {len(names)}: {', '.join(names)}" if names else "GPUs:          none visible"]
-    lines.append(f"CUDA-aware MPI: {comm.cuda_aware.describe()}")
+    lines.append(f"CUDA-aware:    {comm.cuda_aware.describe()}")
     nccl = backend.nccl_module() is not None
     for name in ("allreduce", "broadcast", "reduce_scatter", "allgather", "send/recv"):
-        other = "nccl" if nccl and name in ("allreduce", "broadcast") else None
-        also = " (also: algorithm='nccl')" if other else ""
+        others = [o for o, ok in (("staged-gpu", comm.single_node and name == "allreduce"),
+                                  ("nccl", nccl and name in ("allreduce", "broadcast"))) if ok]  # fmt: skip
+        also = f" (also: {', '.join(others)})" if others else ""
         lines.append(f"device path:   {name}: {comm.device_path()}{also}")
     return lines
 
@@ -377,6 +378,7 @@ def _environment() -> Tuning:
     """Read the MPITRAIN_* variables (the same on every rank); a bad one is a usage error."""
     try:
         faults.planned()
+        cuda_aware.detect(libraries=[])  # only MPITRAIN_CUDA_AWARE's value is checked here
         return Tuning.from_env()
     except ValueError as exc:
         raise UsageError(f"error in the environment: {exc}") from None

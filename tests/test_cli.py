@@ -84,6 +84,18 @@ def test_info_reports_world_hosts_and_backends() -> None:
     pools = [line for line in done.stdout.splitlines() if line.startswith("thread pool:")]
     assert pools and all(line.endswith(f": {limit} thread(s)") for line in pools), done.stdout
     assert done.stdout.count("world size") == 1
+    aware = re.search(r"CUDA-aware: +(yes|no) \((.+)\)", done.stdout)
+    assert aware, done.stdout
+    path = "direct" if aware.group(1) == "yes" else "staged"
+    assert f"device path:   allreduce: {path}" in done.stdout and "GPUs:" in done.stdout
+
+
+def test_info_takes_the_users_word_on_cuda_awareness() -> None:
+    done = run_mpitrain(1, "info", extra_env={"MPITRAIN_CUDA_AWARE": "1"})
+    assert "CUDA-aware:    yes (MPITRAIN_CUDA_AWARE=1)" in done.stdout, done.stdout + done.stderr
+    assert "device path:   send/recv: direct" in done.stdout
+    bad = run_mpitrain(1, "info", extra_env={"MPITRAIN_CUDA_AWARE": "maybe"})
+    assert bad.returncode != 0 and "MPITRAIN_CUDA_AWARE='maybe': expected 0 or 1" in bad.stderr + bad.stdout
 
 
 def test_thread_limit_reaches_the_blas_libraries_loaded_after_it() -> None:

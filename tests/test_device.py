@@ -280,3 +280,41 @@ def test_nccl_reduces_and_broadcasts_with_one_gpu_per_rank_and_refuses_shared_on
     assert not wrong
     assert {name for name, _, _ in nccl.calls} == ({"allReduce", "bcast"} if P > 1 else set())  # 1 rank: no call
     assert fake_cupy.INTERFACE_READS[0] == 0  # NCCL takes pointers; MPI saw no device array
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("device_comm", [False], indirect=True)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.int64])
+def test_staged_gpu_reduces_each_chunk_on_its_owners_device_in_node_rank_order(device_comm, dtype):
+    from mpitrain.comm.ring import chunk_bounds
+
+    cupy, comm = device_comm
+    wrong = []
+    for n in SIZES:
+        for op in ("sum", "mean", "max") if np.dtype(dtype).kind == "f" else ("sum", "min"):
+            x = rank_data(n, dtype, comm.rank, seed=14)
+            device = cupy.asarray(x)
+            comm.allreduce(device, op=op, algorithm="staged-gpu")
+            everyone = WORLD.allgather(x)  # the reference: chunk r = x_r, then the others added in rank order
+            expected = np.empty_like(x)
+            ufunc = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}[op]
+            for owner, (a, b) in enumerate(chunk_bounds(n, P)):
+                part = everyone[owner][a:b].copy()
+                for rank in range(P):
+                    if rank != owner:
+                        ufunc(part, everyone[rank][a:b], out=part)
+                expected[a:b] = part / P if op == "mean" else part
+            if not np.array_equal(device.get(), expected):
+                wrong.append((n, op))
+    assert not wrong
+    assert fake_cupy.INTERFACE_READS[0] == 0
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("device_comm", [False], indirect=True)
+def test_staged_gpu_needs_one_node(device_comm):
+    cupy, _ = device_comm
+    if P % 2 or P == 2:
+        pytest.skip("needs fake nodes of 2 ranks, at least two of them")
+    with Communicator(node_size=2) as comm, pytest.raises(ValueError, match="one node"):
+        comm.allreduce(cupy.asarray(np.ones(8, np.float32)), algorithm="staged-gpu")

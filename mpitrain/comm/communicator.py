@@ -192,8 +192,8 @@ class Communicator(PointToPoint, ObjectCollectives, Groups, DeviceCollectives):
         this rank reduced (all ranks' calls together see every element, once
         per node for "shm"), otherwise the whole buffer.
 
-        A device (cupy) array also takes "direct", "staged" and "nccl" (see
-        ``device``); "auto" is direct on a CUDA-aware MPI, else staged.
+        A device (cupy) array also takes "direct", "staged", "staged-gpu" and
+        "nccl" (see ``device``); "auto" is direct on a CUDA-aware MPI, else staged.
 
         Raises (checked mode: on every rank): TypeError (not a numpy or device
         array, an unsupported dtype); ValueError (non-contiguous or read-only,
