@@ -36,6 +36,16 @@ def device_comm(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest)
     comm.close()
 
 
+def _reduced(cupy, comm: Communicator, dtype: type, algorithm: str, seed: int):
+    """(n, op, the host data, its device copy all-reduced with ``algorithm``) for every size and op."""
+    for n in SIZES:
+        for op in ("sum", "mean", "max") if np.dtype(dtype).kind == "f" else ("sum", "min"):
+            x = rank_data(n, dtype, comm.rank, seed=seed)
+            device = cupy.asarray(x)
+            comm.allreduce(device, op=op, algorithm=algorithm)
+            yield n, op, x, device
+
+
 def host_reference(name: str, x: np.ndarray, algorithm: str, comm: Communicator, **kwargs) -> tuple:
     """The host collective on a host copy; (the copy, what the call returned)."""
     copy = x.copy()
@@ -50,25 +60,22 @@ def host_reference(name: str, x: np.ndarray, algorithm: str, comm: Communicator,
 def test_staged_allreduce_equals_the_host_algorithm_and_mpi_never_sees_the_device(device_comm, algorithm, dtype):
     cupy, comm = device_comm
     wrong = []
-    for n in SIZES:
-        for op in ("sum", "mean", "max") if np.dtype(dtype).kind == "f" else ("sum", "min"):
-            x = rank_data(n, dtype, comm.rank, seed=5)
-            device = cupy.asarray(x)
-            comm.allreduce(device, op=op, algorithm=algorithm)
-            # The same host algorithm, segment by segment, on node-shared memory as the staged path uses.
-            expected = comm.allocate(n, dtype) if comm.shared is not None else np.empty(n, dtype)
-            expected[...] = x
-            step = SMALL_SEGMENTS.device_segment_bytes // x.itemsize
-            for a in range(0, n, step):
-                comm.allreduce(expected[a : a + step], op=op, algorithm="auto" if algorithm == "staged" else algorithm)
-            expected = expected.copy()
-            tol = tolerance(x.astype(np.float32)) * relative_eps(dtype)
-            if not np.array_equal(device.get(), expected, equal_nan=True):
-                wrong.append((n, op, "differs from the host algorithm"))
-            if not same_on_every_rank(device.get()):
-                wrong.append((n, op, "differs between ranks"))
-            if max_error(device.get(), native_reduce(x, op)) > tol:
-                wrong.append((n, op, "differs from native"))
+    for n, op, x, device in _reduced(cupy, comm, dtype, algorithm, seed=5):
+        # The same host algorithm, segment by segment, on node-shared memory as the staged path uses.
+        shared = comm.allocate(n, dtype) if comm.shared is not None else np.empty(n, dtype)
+        shared[...] = x
+        step = SMALL_SEGMENTS.device_segment_bytes // x.itemsize
+        for a in range(0, n, step):
+            comm.allreduce(shared[a : a + step], op=op, algorithm="auto" if algorithm == "staged" else algorithm)
+        expected = shared.copy()
+        comm.release(shared)
+        tol = tolerance(x.astype(np.float32)) * relative_eps(dtype)
+        if not np.array_equal(device.get(), expected, equal_nan=True):
+            wrong.append((n, op, "differs from the host algorithm"))
+        if not same_on_every_rank(device.get()):
+            wrong.append((n, op, "differs between ranks"))
+        if max_error(device.get(), native_reduce(x, op)) > tol:
+            wrong.append((n, op, "differs from native"))
     assert not wrong
     assert fake_cupy.INTERFACE_READS[0] == 0, "MPI was handed a device array on the staged path"
 
@@ -290,22 +297,18 @@ def test_staged_gpu_reduces_each_chunk_on_its_owners_device_in_node_rank_order(d
 
     cupy, comm = device_comm
     wrong = []
-    for n in SIZES:
-        for op in ("sum", "mean", "max") if np.dtype(dtype).kind == "f" else ("sum", "min"):
-            x = rank_data(n, dtype, comm.rank, seed=14)
-            device = cupy.asarray(x)
-            comm.allreduce(device, op=op, algorithm="staged-gpu")
-            everyone = WORLD.allgather(x)  # the reference: chunk r = x_r, then the others added in rank order
-            expected = np.empty_like(x)
-            ufunc = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}[op]
-            for owner, (a, b) in enumerate(chunk_bounds(n, P)):
-                part = everyone[owner][a:b].copy()
-                for rank in range(P):
-                    if rank != owner:
-                        ufunc(part, everyone[rank][a:b], out=part)
-                expected[a:b] = part / P if op == "mean" else part
-            if not np.array_equal(device.get(), expected):
-                wrong.append((n, op))
+    for n, op, x, device in _reduced(cupy, comm, dtype, "staged-gpu", seed=14):
+        everyone = WORLD.allgather(x)  # the reference: chunk r = x_r, then the others added in rank order
+        expected = np.empty_like(x)
+        ufunc = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}[op]
+        for owner, (a, b) in enumerate(chunk_bounds(n, P)):
+            part = everyone[owner][a:b].copy()
+            for rank in range(P):
+                if rank != owner:
+                    ufunc(part, everyone[rank][a:b], out=part)
+            expected[a:b] = part / P if op == "mean" else part
+        if not np.array_equal(device.get(), expected):
+            wrong.append((n, op))
     assert not wrong
     assert fake_cupy.INTERFACE_READS[0] == 0
 
