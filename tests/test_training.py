@@ -204,7 +204,8 @@ def test_compressed_training_converges_on_digits(comm: Communicator, compression
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e3])  # 1e-6: subnormal in float16 unless scaled
+# 1e-6: subnormal in float16 unless scaled; 1e-36: a power of two that large overflows float32, 2**126 is used
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e3, 1e-36])
 @pytest.mark.parametrize("compression", ["fp16", "bf16", "topk:0.25"])
 def test_compressed_allreduce_round_trip(comm: Communicator, compression: str, scale: float) -> None:
     n = 1000

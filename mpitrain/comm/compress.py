@@ -28,9 +28,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
+from mpitrain import backend
 from mpitrain.comm.communicator import Communicator
 from mpitrain.comm.ops import BFLOAT16
 
@@ -78,21 +80,29 @@ class CastCompressor(Compressor):
             np.copyto(values, wire)
         else:
             scale = self._scale(comm, values)
-            self.xp.multiply(values, np.float32(scale), out=wire, casting="same_kind")
+            self.xp.multiply(values, scale, out=wire, casting="same_kind")
             comm.allreduce(wire, op="mean", algorithm=algorithm)
-            self.xp.multiply(wire, np.float32(1.0 / scale), out=values)  # exact: scale is a power of two
+            self.xp.multiply(wire, 1 / scale, out=values)  # exact: scale is a power of two
         if inspect is not None:
             inspect(values)
 
     @staticmethod
-    def _scale(comm: Communicator, values: np.ndarray) -> float:
+    def _scale(comm: Communicator, values: Any) -> Any:
         """The power of two that brings the largest magnitude on any rank to at most 65504 / ranks
-        (so the float32 sum of the float16 values cannot overflow); 1 for zeros, NaN or Inf."""
-        peak = np.array([max(float(values.max()), -float(values.min())) if values.size else 0.0])
+        (so the float32 sum of the float16 values cannot overflow); 1 for zeros, NaN or Inf. A float32
+        array of one element where the values are: on a GPU no scalar is read back for it. The
+        exponent comes from frexp, exactly (a log2 rounded up near a power of two would overflow)."""
+        xp = backend.array_module_of(values)
+        peak = xp.zeros(1, np.float64)
+        if values.size:
+            peak[0] = xp.maximum(values.max(), -values.min())
         comm.allreduce(peak, op="max")
-        if not 0.0 < peak[0] < math.inf:
-            return 1.0
-        return 2.0 ** math.floor(math.log2(np.finfo(np.float16).max / (comm.size * peak[0])))
+        usable = (peak > 0) & (peak < math.inf)
+        ratio = float(np.finfo(np.float16).max) / (comm.size * xp.where(usable, peak, 1.0))
+        _, exponent = xp.frexp(ratio)  # ratio = m * 2**exponent, m in [0.5, 1): floor(log2) = exponent - 1
+        # At most 2**126: a larger power overflows float32 (gradients below about 1e-34 asked for one).
+        power = xp.minimum(exponent - 1, 126)
+        return xp.where(usable, xp.ldexp(xp.ones(1, np.float32), power), np.float32(1)).astype(np.float32)
 
     def close(self, comm: Communicator) -> None:
         comm.release(self.wire)
