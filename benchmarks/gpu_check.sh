@@ -42,10 +42,13 @@ done
 for n in 1 2; do
     log "## device all-reduce at $n rank(s) (two ranks share the one GPU where there is one)"
     MPIEXEC_TIMEOUT=200 mpiexec -n $n $PY benchmarks/gpu.py collectives --json "$OUT/collectives_$n.json" 2>&1 \
-        | tee -a "$OUT/gpu_check.txt" || status=1
+        | tee -a "$OUT/gpu_check.txt"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
+log "## python -m mpitrain train --backend cupy at 2 ranks (the run header names each rank's GPU)"
+MPIEXEC_TIMEOUT=180 mpiexec -n 2 $PY -m mpitrain train --backend cupy --epochs 3 --no-progress 2>&1 \
+    | tee -a "$OUT/gpu_check.txt"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 log "## training step: mpitrain on cupy against torch on the same GPU"
-timeout 240 $PY benchmarks/gpu.py training --json "$OUT/training.json" 2>&1 | tee -a "$OUT/gpu_check.txt" || status=1
+timeout 240 $PY benchmarks/gpu.py training --json "$OUT/training.json" 2>&1 | tee -a "$OUT/gpu_check.txt"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 $PY - "$OUT" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]

@@ -1,6 +1,6 @@
 """Collectives and messages on device (GPU) arrays.
 
-A device array takes one of three paths, named by the ``algorithm`` a
+A device array takes one of these paths, named by the ``algorithm`` a
 collective is given:
 
 - ``"direct"``: the array goes to MPI's own collective as it is (mpi4py
