@@ -239,6 +239,16 @@ def to_host(array: Any) -> np.ndarray:
     return array.get()
 
 
+def copy_to_host(device: Any, host: np.ndarray) -> None:
+    """Copy contiguous ``device`` into the host array ``host`` of the same shape and dtype (waits for it)."""
+    device.get(out=host)
+
+
+def copy_to_device(host: np.ndarray, device: Any) -> None:
+    """Copy the host array ``host`` into contiguous ``device`` of the same shape and dtype."""
+    device.set(host)
+
+
 def synchronize(xp: ModuleType) -> None:
     """Wait until queued device work has finished (a no-op for numpy)."""
     if xp is not np:

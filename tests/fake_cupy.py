@@ -135,7 +135,14 @@ class ndarray:
 
     def get(self, stream: Any = None, out: Any = None) -> np.ndarray:
         COPIES["to_host"] += 1
-        return self._a.copy()
+        if out is None:
+            return self._a.copy()
+        out[...] = self._a
+        return out
+
+    def set(self, host: np.ndarray, stream: Any = None) -> None:
+        COPIES["to_device"] += 1
+        self._a[...] = host
 
     def __getattr__(self, name: str) -> Any:  # reshape, view, sum, max, astype, fill, ... as numpy's
         if name.startswith("__"):  # no __dlpack__ or __array_interface__: memory only through the CAI

@@ -27,6 +27,7 @@ CASES = [
     {"model": "cnn", "hidden": (16,)},
     {"dropout": 0.2},
     {"compression": "fp16"},
+    {"compression": "bf16"},
     {"compression": "topk:0.1"},
     {"shard_optimizer": True},
     {"accumulate": 2, "optimizer": "adamw", "clip_grad_norm": 1.0},

@@ -58,6 +58,20 @@ def test_every_layer_forward_and_backward_on_cupy_equal_numpys(name: str, shape:
     assert np.allclose(device_grads, host_grads, rtol=1e-4, atol=1e-5)
 
 
+def test_bfloat16_rounding_on_the_device_is_ml_dtypes_bit_for_bit() -> None:
+    import ml_dtypes
+
+    from mpitrain.comm.compress import _round_to_bfloat16
+
+    cupy = backend.get_array_module("cupy")
+    rng = np.random.default_rng(2)
+    values = (rng.standard_normal(200_000) * 10.0 ** rng.integers(-40, 38, 200_000)).astype(np.float32)
+    values = values[np.isfinite(values)]
+    out = cupy.empty(values.size, np.uint16)
+    _round_to_bfloat16(cupy, cupy.asarray(values), out)
+    assert np.array_equal(cupy.asnumpy(out), values.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
 def test_dropout_masks_drawn_on_the_device_equal_numpys() -> None:
     cupy = backend.get_array_module("cupy")
     for p in (0.1, 0.5):

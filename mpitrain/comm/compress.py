@@ -19,8 +19,10 @@ sending fewer bytes than the float32 values:
 
 Wire buffers are allocated once (node-shared where possible) and reused;
 ``close`` gives them back. Device (cupy) gradients are compressed on the
-device, their wire buffers and residuals there too: fp16 and top-k. bf16
-needs a bfloat16 dtype, which cupy lacks, and is refused for them.
+device, their wire buffers and residuals there too. cupy has no bfloat16,
+so bf16 rounds on the device into 16-bit patterns (as ml_dtypes rounds:
+to nearest even), and those travel through a node-shared host wire buffer
+that the host reduces as bfloat16: half the bytes cross PCIe.
 """
 
 from __future__ import annotations
@@ -64,20 +66,28 @@ class CastCompressor(Compressor):
 
     def __init__(self, comm: Communicator, count: int, kind: str, xp: ModuleType = np) -> None:
         self.name = kind
-        if xp is not np and kind == "bf16":
-            raise ValueError("compression 'bf16' needs host gradients (cupy has no bfloat16); use fp16 on the GPU")
         self.xp = xp
-        dtype = np.float16 if kind == "fp16" else BFLOAT16
-        self.wire = comm.allocate(count, dtype) if xp is np else xp.zeros(count, dtype)
+        if kind == "fp16":
+            self.wire = comm.allocate(count, np.float16) if xp is np else xp.zeros(count, np.float16)
+        else:  # the host reduces bfloat16; device gradients' bit patterns are rounded on the device
+            self.wire = comm.allocate(count, BFLOAT16)
+            self.bits = None if xp is np else xp.zeros(count, np.uint16)
 
     def reduce_mean(
         self, comm: Communicator, grads: np.ndarray, start: int, stop: int, algorithm: str, inspect: Inspect = None
     ) -> None:
         wire, values = self.wire[start:stop], grads[start:stop]
-        if self.name == "bf16":
+        if self.name == "bf16" and self.bits is None:
             np.copyto(wire, values, casting="unsafe")  # rounds to nearest
             comm.allreduce(wire, op="mean", algorithm=algorithm)
             np.copyto(values, wire)
+        elif self.name == "bf16":
+            bits, patterns = self.bits[start:stop], wire.view(np.uint16)
+            _round_to_bfloat16(self.xp, values, bits)
+            backend.copy_to_host(bits, patterns)
+            comm.allreduce(wire, op="mean", algorithm=algorithm)
+            backend.copy_to_device(patterns, bits)
+            values[...] = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)  # exact: bfloat16 widens
         else:
             scale = self._scale(comm, values)
             self.xp.multiply(values, scale, out=wire, casting="same_kind")
@@ -106,6 +116,18 @@ class CastCompressor(Compressor):
 
     def close(self, comm: Communicator) -> None:
         comm.release(self.wire)
+
+
+def _round_to_bfloat16(xp: ModuleType, values: Any, out: Any) -> None:
+    """float32 ``values`` to bfloat16 bit patterns in uint16 ``out``: round to nearest, ties to even (the
+    upper 16 bits plus the carry of the lower ones), NaN kept NaN; what ml_dtypes gives, bit for bit."""
+    bits = values.view(np.uint32)
+    u32 = np.uint32
+    carry = (bits >> u32(16)) & u32(1)
+    carry += u32(0x7FFF)
+    rounded = (bits + carry) >> u32(16)
+    nan = (bits & u32(0x7FFFFFFF)) > u32(0x7F800000)
+    out[...] = xp.where(nan, (bits >> u32(16)) | u32(0x40), rounded).astype(np.uint16)
 
 
 class TopKCompressor(Compressor):
@@ -152,7 +174,7 @@ def build_compressor(spec: str, comm: Communicator, count: int, xp: ModuleType =
     the array module ``xp`` (numpy or cupy).
 
     Raises:
-        ValueError: an unknown spec, a ratio outside (0, 1], or bf16 of device gradients.
+        ValueError: an unknown spec or a ratio outside (0, 1].
     """
     if spec == "none":
         return Compressor()
