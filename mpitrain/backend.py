@@ -155,18 +155,20 @@ class Transfers:
 
     def __init__(self) -> None:
         self.cupy = device_module()
-        self._in = self.cupy.cuda.Stream(non_blocking=True)
-        self._out = self.cupy.cuda.Stream(non_blocking=True)
+        cuda = self.cupy.cuda
+        self._in = cuda.Stream(non_blocking=True)
+        self._out = cuda.Stream(non_blocking=True)
         self._host: np.ndarray = np.empty(0, np.uint8)
-        self._pinned: Any = None  # keeps the page-locked allocation alive
         self._spare: list[np.ndarray] = []  # message buffers not in use
+        # Events made once and recorded again: ``begin``'s, and two for device-to-host copies in turn.
+        self._mark = cuda.Event(disable_timing=True)
+        self._arrivals = [cuda.Event(disable_timing=True) for _ in range(2)]
+        self._turn = 0
 
     def host(self, nbytes: int) -> np.ndarray:
         """At least ``nbytes`` of page-locked host memory (uint8), the same memory until a larger call."""
         if self._host.size < nbytes:
-            size = 1 << max(nbytes - 1, 1).bit_length()
-            self._pinned = self.cupy.cuda.alloc_pinned_memory(size)
-            self._host = np.frombuffer(self._pinned, np.uint8, size)
+            self._host = self._page_locked(nbytes)
         return self._host[:nbytes]
 
     def message(self, nbytes: int) -> np.ndarray:
@@ -175,6 +177,10 @@ class Transfers:
         for index, spare in enumerate(self._spare):
             if spare.size >= nbytes:
                 return self._spare.pop(index)
+        return self._page_locked(nbytes)
+
+    def _page_locked(self, nbytes: int) -> np.ndarray:
+        """A new page-locked uint8 array of the power of two at or above ``nbytes`` (it keeps the memory)."""
         size = 1 << max(nbytes - 1, 1).bit_length()
         return np.frombuffer(self.cupy.cuda.alloc_pinned_memory(size), np.uint8, size)
 
@@ -197,25 +203,25 @@ class Transfers:
 
     def begin(self) -> None:
         """Order the side streams after the work queued so far on the current stream (it wrote the data)."""
-        event = self.cupy.cuda.Event(disable_timing=True)
-        event.record(self.cupy.cuda.get_current_stream())
-        self._in.wait_event(event)
-        self._out.wait_event(event)
+        self._mark.record(self.cupy.cuda.get_current_stream())
+        self._in.wait_event(self._mark)
+        self._out.wait_event(self._mark)
 
     def to_host(self, device: Any, host: np.ndarray) -> Any:
-        """Queue a copy of contiguous ``device`` into ``host`` (same byte length); an event that marks its end."""
-        return self._copy(host.ctypes.data, device.data.ptr, device.nbytes, self._in, "memcpyDeviceToHost")
+        """Queue a copy of contiguous ``device`` into ``host`` (same byte length); an event that marks its
+        end, good until the next call but one (so two such copies can be in flight)."""
+        self._copy(host.ctypes.data, device.data.ptr, device.nbytes, self._in, "memcpyDeviceToHost")
+        event, self._turn = self._arrivals[self._turn], 1 - self._turn
+        event.record(self._in)
+        return event
 
-    def to_device(self, host: np.ndarray, device: Any) -> Any:
-        """Queue a copy of ``host`` into contiguous ``device``; an event that marks its end."""
-        return self._copy(device.data.ptr, host.ctypes.data, device.nbytes, self._out, "memcpyHostToDevice")
+    def to_device(self, host: np.ndarray, device: Any) -> None:
+        """Queue a copy of ``host`` into contiguous ``device``; ``end`` waits for it."""
+        self._copy(device.data.ptr, host.ctypes.data, device.nbytes, self._out, "memcpyHostToDevice")
 
-    def _copy(self, dst: int, src: int, nbytes: int, stream: Any, kind: str) -> Any:
+    def _copy(self, dst: int, src: int, nbytes: int, stream: Any, kind: str) -> None:
         runtime = self.cupy.cuda.runtime
         runtime.memcpyAsync(dst, src, nbytes, getattr(runtime, kind), stream.ptr)
-        event = self.cupy.cuda.Event(disable_timing=True)
-        event.record(stream)
-        return event
 
     @staticmethod
     def wait(event: Any) -> None:

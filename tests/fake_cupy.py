@@ -49,7 +49,7 @@ def _wrap(x: Any) -> Any:
     return x
 
 
-class _Device_function:
+class _DeviceFunction:
     """A numpy function (or namespace) made to take and return "device" arrays, as cupy's do."""
 
     def __init__(self, target: Any) -> None:
@@ -66,7 +66,7 @@ class _Device_function:
 def _lift(obj: Any) -> Any:
     if isinstance(obj, type) or not (callable(obj) or isinstance(obj, types.ModuleType)):
         return obj  # dtypes and constants are numpy's own, as in cupy
-    return _Device_function(obj)
+    return _DeviceFunction(obj)
 
 
 class ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mpitrain.comm import Communicator, Tuning, raised_on_all_ranks
+from mpitrain.comm.ops import UFUNCS
 from tests import fake_cupy
 from tests.conftest import WORLD, rank_data, same_on_every_rank
 from tests.test_comm import max_error, native_reduce, tolerance
@@ -300,7 +301,7 @@ def test_staged_gpu_reduces_each_chunk_on_its_owners_device_in_node_rank_order(d
     for n, op, x, device in _reduced(cupy, comm, dtype, "staged-gpu", seed=14):
         everyone = WORLD.allgather(x)  # the reference: chunk r = x_r, then the others added in rank order
         expected = np.empty_like(x)
-        ufunc = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}[op]
+        ufunc = UFUNCS[op]
         for owner, (a, b) in enumerate(chunk_bounds(n, P)):
             part = everyone[owner][a:b].copy()
             for rank in range(P):

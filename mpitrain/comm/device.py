@@ -45,11 +45,10 @@ from mpitrain import backend
 from mpitrain.comm import nccl, ring
 from mpitrain.comm.checks import Problem, choice_problem, op_problem, root_problem
 from mpitrain.comm.cuda_aware import CudaAwareness, detect
-from mpitrain.comm.ops import BFLOAT16, DTYPES, NATIVE_OPS, Inspect, finisher
+from mpitrain.comm.ops import BFLOAT16, DTYPES, NATIVE_OPS, UFUNCS, Inspect, finisher
 
 PATHS = ("auto", "direct", "staged")
 GPU_REDUCED = "staged-gpu"
-DEVICE_UFUNCS = {"sum": "add", "mean": "add", "max": "maximum", "min": "minimum"}
 DEVICE_DTYPES = tuple(d for d in DTYPES if d != BFLOAT16)  # cupy has no bfloat16
 
 
@@ -160,12 +159,13 @@ class DeviceCollectives:
         self.shared.sync(window.win)  # every rank's copy is in
         if stop > start:
             cupy = backend.device_module()
-            combine, arriving = getattr(cupy, DEVICE_UFUNCS[op]), cupy.empty(stop - start, flat.dtype)
+            combine, arriving = getattr(cupy, UFUNCS[op].__name__), cupy.empty(stop - start, flat.dtype)  # cupy's own
             mine = flat[start:stop]
             for rank, peer in enumerate(peers):  # node rank order: one owner sums each chunk, the same way
                 if rank != me:
                     transfers.begin()  # the previous add has read ``arriving``
-                    transfers.wait(transfers.to_device(peer[start:stop], arriving))
+                    transfers.to_device(peer[start:stop], arriving)
+                    transfers.end()
                     combine(mine, arriving, out=mine)
             if finish is not None:
                 finish(mine)
