@@ -414,8 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _keep_running_when_a_peer_fails() -> None:
     """Ignore SIGUSR1 unless something handles it: with ``-disable-auto-cleanup`` MPICH's launcher
-    sends it to every survivor when a rank dies, and its default action ends them at once, silently,
-    racing the watchdog that would name the dead rank (the job still ends: the watchdog aborts it)."""
+    sends it to every survivor when a rank dies, and its default action would end them at once,
+    silently, before the watchdog names the dead rank (the job still ends: the watchdog aborts it,
+    or the launcher's SIGKILL that follows)."""
     if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 

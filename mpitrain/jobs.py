@@ -30,8 +30,9 @@ def mpiexec_command(ranks: int, *command: str, hosts: str | None = None) -> list
 
     Open MPI gets ``--oversubscribe`` so more ranks than cores start, as with MPICH.
     MPICH's Hydra gets ``-disable-auto-cleanup``: when a rank dies, the
-    survivors' watchdogs name it and abort the job, instead of the launcher
-    killing them first and reporting whichever process it reaped. ``hosts``:
+    survivors' watchdogs can name it before the launcher kills them (Hydra
+    still does, about a millisecond later: see ``comm.watchdog``), instead of
+    the launcher alone reporting whichever process it reaped. ``hosts``:
     a hostfile in the launcher's own format (``write_hostfile``), passed as
     the README's multi-node commands do (``--hostfile`` / ``-f``).
     """

@@ -14,7 +14,8 @@ from mpi4py import MPI
 
 from mpitrain import checkpoint, faults
 from mpitrain.comm import Communicator, raised_on_all_ranks
-from mpitrain.comm.watchdog import EXIT_PEER_EXITED, EXIT_TIMEOUT, FINISHED, Peer, Watchdog, process_start
+from mpitrain.comm.watchdog import ABORT_WAIT, EXIT_PEER_EXITED, EXIT_TIMEOUT, FINISHED, Peer, Watchdog, process_start
+from mpitrain.jobs import child_environment, mpiexec_command
 from mpitrain.train import TrainConfig, train, train_config
 from tests.conftest import WORLD, run_mpitrain, shared_folder
 
@@ -173,6 +174,21 @@ def test_fault_variable_is_validated(monkeypatch) -> None:
     faults.planned.cache_clear()
 
 
+def _names_the_dead_rank(output: str, rank: int) -> bool:
+    """Whether a killed job's output names ``rank`` as the one that died, as far as its launcher lets it.
+
+    A survivor's watchdog names it, or Open MPI's launcher does. MPICH's
+    Hydra SIGKILLs the survivors about a millisecond after a rank dies, with
+    ``-disable-auto-cleanup`` too (strace on its proxy), and their watchdog
+    thread first needs the GIL: in some runs no survivor gets its line out.
+    Then Hydra's own report of the SIGKILL must be there, and no other rank
+    may have been named.
+    """
+    if re.search(rf"rank {rank} \(pid \d+ on this node\) exited before the job finished|rank {rank} with PID", output):
+        return True
+    return "EXIT STRING: Killed (signal 9)" in output and "exited before the job finished" not in output
+
+
 def _faulty_run(tmp_path, fault: str, *extra: str):
     args = ["--no-progress", "--epochs", "3", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "10", *extra]
     start = time.monotonic()
@@ -184,16 +200,20 @@ def _faulty_run(tmp_path, fault: str, *extra: str):
     "fault,message",
     [
         ("raise:1:25", r"\[rank 1\] unexpected error"),
-        ("kill:2:25", r"rank 2 \(pid \d+ on this node\) exited before the job finished|rank 2 with PID"),
+        ("kill:2:25", None),  # _names_the_dead_rank
         ("hang:1:25", r"\[rank 1\] watchdog: training step 25|have not entered it: \[1\]"),
     ],
 )
-def test_injected_fault_ends_the_job_and_leaves_a_resumable_checkpoint(tmp_path, fault: str, message: str) -> None:
+def test_injected_fault_ends_the_job_and_leaves_a_resumable_checkpoint(
+    tmp_path, fault: str, message: str | None
+) -> None:
     done, seconds = _faulty_run(tmp_path, fault, "--timeout", "3")
+    output = done.stdout + done.stderr
     assert done.returncode != 0
     assert seconds < 60, f"the job took {seconds:.0f} s to end"
-    # Whichever rank reports first, it names the failing rank (Open MPI's launcher names a killed rank itself).
-    assert re.search(message, done.stdout + done.stderr), (done.stdout + done.stderr)[-2000:]
+    # Whichever rank reports first, it names the failing rank.
+    named = _names_the_dead_rank(output, 2) if message is None else re.search(message, output)
+    assert named, output[-2000:]
     saved = checkpoint.checkpoints(str(tmp_path))
     # 15 steps/epoch at 3 ranks x 32: checkpoints at steps 10, 15 (epoch end) and 20, the fault before 25.
     assert [os.path.basename(p) for p in saved] == ["ckpt-000000020", "ckpt-000000015", "ckpt-000000010"]
@@ -210,13 +230,47 @@ def test_a_dead_or_stalled_worker_or_server_ends_the_job_naming_it(strategy: str
     done = run_mpitrain(3, *args, timeout=120, extra_env={faults.VARIABLE: f"{fault}:{rank}:25"})
     seconds = time.monotonic() - start
     output = done.stdout + done.stderr
-    named = (
-        rf"rank {rank} \(pid \d+ on this node\) exited before the job finished|rank {rank} with PID"
-        if fault == "kill"
-        else rf"\[rank {rank}\] watchdog: training step|from rank {rank} \(|have not entered it: \[{rank}\]"
-    )
+    stalled = rf"\[rank {rank}\] watchdog: training step|from rank {rank} \(|have not entered it: \[{rank}\]"
     assert done.returncode != 0 and seconds < 60, (done.returncode, seconds)
-    assert re.search(named, output), output[-2000:]
+    named = _names_the_dead_rank(output, rank) if fault == "kill" else re.search(stalled, output)
+    assert named, output[-2000:]
+
+
+def _processes_running(marker: str) -> list[int]:
+    """The pids of this machine's processes whose command line holds ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif("-disable-auto-cleanup" not in mpiexec_command(1), reason="Hydra's SIGUSR1 makes the orphans")
+def test_no_rank_outlives_a_launcher_that_is_gone(tmp_path) -> None:
+    """Ranks started through a shell script that does not exec: when rank 1 dies, Hydra's SIGUSR1 ends
+    the scripts, the launcher takes the job for over, and a survivor whose MPI_Abort then finds no
+    launcher to carry it out would wait on its dead peer forever. Its abort's timer ends it."""
+    script = tmp_path / "rank.sh"
+    script.write_text('#!/bin/bash\n"$@"\n')
+    script.chmod(0o755)
+    marker = str(tmp_path / "checkpoints")
+    args = ["--no-progress", "--epochs", "3", "--strategy", "ps-sync", "--timeout", "3", "--checkpoint-dir", marker]
+    command = mpiexec_command(3, str(script), sys.executable, "-m", "mpitrain", *args)
+    environment = child_environment(60) | {faults.VARIABLE: "kill:1:25"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=70, check=False)
+        assert done.returncode != 0, done.stdout[-2000:]
+        deadline = time.monotonic() + ABORT_WAIT + 15
+        while _processes_running(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _processes_running(marker), (done.stdout + done.stderr)[-2000:]
+    finally:
+        for pid in _processes_running(marker):
+            os.kill(pid, 9)
 
 
 def _straggle(monkeypatch, fault: str, rank: int, steps: list[float], reads_data: bool = True) -> list[float]:

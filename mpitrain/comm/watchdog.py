@@ -9,9 +9,15 @@ calls ``MPI_Abort`` so ``mpiexec`` ends every rank with a non-zero status.
 
 A second thread waits on the node peers' process ids (Linux pidfds): when a
 peer exits without having marked itself finished (a SIGKILL, a crash), this
-rank names it and aborts at once. Under MPICH's default clean-up the
-launcher may kill the survivors first and report some process's pid;
-``mpiexec -disable-auto-cleanup`` leaves the naming to the survivors.
+rank names it and aborts at once. It races the launcher: MPICH's Hydra
+(5.0.2) SIGKILLs the survivors about a millisecond after a rank dies, with
+``-disable-auto-cleanup`` too (strace on its proxy), so the name gets out
+when this thread wins the GIL first: most times, not every time.
+
+``MPI_Abort`` has the launcher end every rank. Where the launcher is gone
+(its proxy killed, its mpiexec ended) MPICH's abort prints its line and the
+process lives on, blocked where its other threads were; so the abort is
+backed by a timer that ends this process itself ``ABORT_WAIT`` seconds later.
 """
 
 from __future__ import annotations
@@ -33,13 +39,25 @@ EXIT_TIMEOUT = 3  # a watched region outlived the timeout
 EXIT_PEER_EXITED = 4  # a node peer exited before finishing
 ENTERED, FINISHED = 0, 1  # the slots of a rank's node-shared progress array
 GRACE = 1.0  # seconds between a rank's last message and its abort
+ABORT_WAIT = 10.0  # seconds MPI_Abort gets to end this process before the process ends itself
 
 
 def abort_job(code: int, grace: float = GRACE, abort: Callable[[int], None] | None = None) -> None:
     """End the whole job with ``code`` after ``grace`` seconds: the launcher forwards output
-    asynchronously, and an immediate MPI_Abort can lose what this rank just printed."""
+    asynchronously, and an immediate MPI_Abort can lose what this rank just printed.
+
+    ``abort`` replaces MPI's (tests). MPI's is backed by a timer that exits
+    this process with ``code`` if it is still alive ``ABORT_WAIT`` seconds
+    later (an abort with no launcher left to carry it out).
+    """
     time.sleep(grace)
-    (abort or MPI.COMM_WORLD.Abort)(code)
+    if abort is not None:
+        abort(code)
+        return
+    backstop = threading.Timer(ABORT_WAIT, os._exit, (code,))
+    backstop.daemon = True
+    backstop.start()
+    MPI.COMM_WORLD.Abort(code)
 
 
 def process_start(pid: int | str = "self") -> int | None:
@@ -94,7 +112,7 @@ class Watchdog:
         timeout: seconds a watched region may take.
         progress: this rank's node-shared progress array (see ``Peer``), and
             ``peers``: every rank of this node, this one included.
-        abort: what ends the job (default ``MPI.COMM_WORLD.Abort``); tests replace it.
+        abort: what ends the job (default: ``abort_job``'s ``MPI_Abort``); tests replace it.
         grace: seconds between printing the message and aborting.
 
     ``stop`` (called at interpreter exit, before MPI finalizes, or by the
@@ -116,7 +134,7 @@ class Watchdog:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.rank, self.timeout = rank, float(timeout)
         self.progress, self.peers = progress, peers or []
-        self.abort, self.grace = abort or MPI.COMM_WORLD.Abort, grace
+        self.abort, self.grace = abort, grace
         self._active: dict[int, tuple[str | Callable[[], str], int | None, float, bool]] = {}
         self._poll = min(0.5, self.timeout / 4)
         self._tokens = itertools.count()
