@@ -242,7 +242,7 @@ def _module() -> types.ModuleType:
         getDevice=lambda: _Device.current,
         getDeviceProperties=lambda i: {"name": b"stand-in GPU"},
         memcpyAsync=_memcpy,
-        hostRegister=lambda pointer, nbytes, flags: REGISTERED.add(pointer),
+        hostRegister=_host_register,
         hostUnregister=REGISTERED.remove,
         memcpyHostToDevice=1,
         memcpyDeviceToHost=2,
@@ -263,6 +263,13 @@ def _pointer_array(pointer: int, count: int, dtype: Any) -> np.ndarray:
     """The ``count`` elements at a "device" pointer (host memory here) as a numpy array."""
     nbytes = count * np.dtype(dtype).itemsize
     return np.frombuffer((ctypes.c_char * nbytes).from_address(pointer), dtype, count) if count else np.empty(0, dtype)
+
+
+def _host_register(pointer: int, nbytes: int, flags: int) -> None:
+    """As cudaHostRegister: refuses memory this process has registered already."""
+    if pointer in REGISTERED:
+        raise RuntimeError("cudaErrorHostMemoryAlreadyRegistered: part or all of the range was registered")
+    REGISTERED.add(pointer)
 
 
 def _nccl_module() -> types.ModuleType:

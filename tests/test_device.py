@@ -316,6 +316,24 @@ def test_staged_gpu_reduces_each_chunk_on_its_owners_device_in_node_rank_order(d
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("device_comm", [False], indirect=True)
+def test_staged_gpu_page_locks_the_peers_copies_it_reads_once_and_unlocks_them_on_close(device_comm):
+    cupy, comm = device_comm
+    if comm.size == 1:
+        pytest.skip("one rank reduces on its device without staging")
+    staged = cupy.asarray(rank_data(3000, np.float32, comm.rank))
+    comm.allreduce(staged)  # "staged": only this rank's own copy is page-locked
+    own = comm._staging_memory(1, np.dtype(np.float32))
+    assert {own.ctypes.data} == fake_cupy.REGISTERED
+    for _ in range(2):  # the second call registers nothing again (CUDA would refuse it)
+        comm.allreduce(staged, algorithm="staged-gpu")
+    window, _ = comm._find_shared(own)
+    assert {peer.ctypes.data for peer in window.peers} == fake_cupy.REGISTERED  # every node rank's copy
+    comm.close()
+    assert not fake_cupy.REGISTERED
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("device_comm", [False], indirect=True)
 def test_staged_gpu_needs_one_node(device_comm):
     cupy, _ = device_comm
     if P % 2 or P == 2:

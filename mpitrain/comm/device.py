@@ -21,8 +21,9 @@ collective is given:
   algorithm on the host copy.
 - ``"staged-gpu"`` (all-reduce, one node): staged into node-shared memory
   as ``staged``, but reduced on the GPUs: each rank copies its peers' host
-  copies of its own chunk to its device, adds them there (in node rank
-  order), and copies the result back for the others to fetch. More bytes
+  copies of its own chunk to its device (their memory page-locked in its
+  process too, on first use), adds them there (in node rank order), and
+  copies the result back for the others to fetch. More bytes
   cross PCIe (about 3n instead of 2n per rank) and none go through the
   host's adds, which can be the slower of the two on a many-GPU node.
 - ``"nccl"``: NCCL through cupy (all-reduce and broadcast; one GPU per rank).
@@ -74,7 +75,10 @@ class DeviceCollectives:
     _transfers: backend.Transfers | None = None
     _nccl: nccl.Nccl | None = None
     _awareness: CudaAwareness | None = None
-    _windows: dict[np.dtype, tuple[np.ndarray, bool]] | None = None  # staging memory per dtype, pinned or not
+    # Staging memory per dtype: this rank's node-shared array, and the arrays this process page-locked
+    # (its own; its peers' too once "staged-gpu" has copied from them).
+    _windows: dict[np.dtype, tuple[np.ndarray, list[np.ndarray]]] | None = None
+    _peers_tried: set[np.dtype]  # the windows whose peers' arrays "staged-gpu" has tried to pin
 
     @property
     def cuda_aware(self) -> CudaAwareness:
@@ -150,6 +154,7 @@ class DeviceCollectives:
         transfers, node = self._transfers_for(), self.shared.node
         host = self._staging_memory(flat.size, flat.dtype)
         window, _ = self._find_shared(host)
+        self._pin_peers(flat.dtype, window.peers)
         peers = [peer[: flat.size] for peer in window.peers]  # every node rank's host copy, in node rank order
         me = node.Get_rank()
         bounds = ring.chunk_bounds(flat.size, node.Get_size())
@@ -294,25 +299,36 @@ class DeviceCollectives:
         if self.shared is None:
             return transfers.host(count * dtype.itemsize).view(dtype)
         if self._windows is None:
-            self._windows = {}
+            self._windows, self._peers_tried = {}, set()
         held = self._windows.get(dtype)
         if held is None or held[0].size < count:
             if held is not None:
                 self._forget_window(*held)
+                self._peers_tried.discard(dtype)
             window = self.allocate(1 << max(count - 1, 1).bit_length(), dtype)
-            held = self._windows[dtype] = (window, transfers.pin(window))
+            held = self._windows[dtype] = (window, [window] if transfers.pin(window) else [])
         return held[0][:count]
 
-    def _forget_window(self, window: np.ndarray, pinned: bool) -> None:
-        if pinned:
-            self._transfers_for().unpin(window)
+    def _pin_peers(self, dtype: np.dtype, peers: list[np.ndarray]) -> None:
+        """Page-lock, in this process, the node peers' arrays of the ``dtype`` staging window, so copies
+        from them to this GPU run as fast as from its own (tried once per window)."""
+        if dtype in self._peers_tried:
+            return
+        self._peers_tried.add(dtype)
+        window, pinned = self._windows[dtype]
+        mine = window.ctypes.data
+        pinned += [peer for peer in peers if peer.ctypes.data != mine and self._transfers_for().pin(peer)]
+
+    def _forget_window(self, window: np.ndarray, pinned: list[np.ndarray]) -> None:
+        for array in pinned:
+            self._transfers_for().unpin(array)
         self.release(window)
 
     def _close_device(self) -> None:
         """Give back the staging windows' page-locking (before the windows are freed)."""
-        for window, pinned in (self._windows or {}).values():
-            if pinned:
-                self._transfers_for().unpin(window)
+        for _, pinned in (self._windows or {}).values():
+            for array in pinned:
+                self._transfers_for().unpin(array)
         self._windows = None
 
     def _back_to_device(self, host: np.ndarray, flat: Any, parts: list[tuple[int, int]]) -> None:
