@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Everything GPU-related in one go, on a machine with a GPU and no network (well under 10 minutes):
-# the gpu tests at 1 and 2 ranks, the device all-reduce per path at 1 and 2 ranks, and the training
-# step on cupy against PyTorch. Results: $OUT (default build/gpu_check) holds gpu_check.json, the
-# tables (gpu_check.txt) and the test logs.
+# Everything GPU-related in one go, on a machine with a GPU and no network, inside one time budget
+# (GPU_CHECK_BUDGET seconds, default 520): the gpu tests at 1 and 2 ranks, the device all-reduce per
+# path at 1 and 2 ranks, the training step on cupy against PyTorch, and a --backend cupy training run.
+# Results: $OUT (default build/gpu_check) holds gpu_check.json (every step's JSON, merged after each
+# step), the tables (gpu_check.txt) and the test logs.
 #
 #   bash benchmarks/gpu_check.sh
+#
+# The steps run most telling first, each within what is left of the budget, so a run cut short still
+# leaves the tests at 1 rank and the comparison with PyTorch. A step that runs out of time, or that
+# no time is left for, says so and makes the status 1.
 #
 # What is missing is installed from wheels carried in .whl/ beside the source tree (pip --no-index):
 # mpich (mpiexec and libmpi for mpi4py), mpi4py and pytest-mpi. Fetch them where pip works with
@@ -14,6 +19,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_check}
+BUDGET=${GPU_CHECK_BUDGET:-520}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
@@ -24,38 +30,51 @@ if ! command -v mpiexec >/dev/null && [ -d .whl ]; then
     export PATH="/tmp/gpu-venv/bin:$PATH"
 fi
 log() { echo "$@" | tee -a "$OUT/gpu_check.txt"; }
-: > "$OUT/gpu_check.txt"
-log "# gpu_check $(date -u +%FT%TZ) on $(hostname)"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT/gpu_check.txt"
-$PY -c "import cupy, torch, mpi4py; print('cupy', cupy.__version__, 'torch', torch.__version__, 'mpi4py', mpi4py.__version__)" \
-    2>&1 | tee -a "$OUT/gpu_check.txt"
-MPIEXEC_TIMEOUT=120 mpiexec -n 2 $PY -m mpitrain info 2>&1 | tee -a "$OUT/gpu_check.txt"
-status=0
-for n in 1 2; do
-    only=$([ $n -eq 1 ] || echo "-m mpi")  # every test of these files at 1 rank, the mpi ones at 2
-    log "## gpu tests at $n rank(s)"
-    MPIEXEC_TIMEOUT=300 mpiexec -n $n $PY -m mpi4py -m pytest -p no:cacheprovider -q --with-mpi $only \
-        tests/test_gpu.py tests/test_device.py tests/test_cuda_aware.py 2>&1 | tee "$OUT/tests_$n.log" | tail -15 \
-        | tee -a "$OUT/gpu_check.txt"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-done
-for n in 1 2; do
-    log "## device all-reduce at $n rank(s) (two ranks share the one GPU where there is one)"
-    MPIEXEC_TIMEOUT=200 mpiexec -n $n $PY benchmarks/gpu.py collectives --json "$OUT/collectives_$n.json" 2>&1 \
-        | tee -a "$OUT/gpu_check.txt"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-done
-log "## python -m mpitrain train --backend cupy at 2 ranks (the run header names each rank's GPU)"
-MPIEXEC_TIMEOUT=180 mpiexec -n 2 $PY -m mpitrain train --backend cupy --epochs 3 --no-progress 2>&1 \
-    | tee -a "$OUT/gpu_check.txt"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-log "## training step: mpitrain on cupy against torch on the same GPU"
-timeout 240 $PY benchmarks/gpu.py training --json "$OUT/training.json" 2>&1 | tee -a "$OUT/gpu_check.txt"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-$PY - "$OUT" <<'PY'
+merge() {
+    $PY - "$OUT" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
 merged = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "*.json")))
           if not p.endswith("gpu_check.json")}
 json.dump(merged, open(os.path.join(out, "gpu_check.json"), "w"), indent=1)
-print("# wrote", os.path.join(out, "gpu_check.json"), "with", ", ".join(merged))
 PY
-log "# gpu_check status: $status"
+}
+status=0
+# step NAME LIMIT LOG COMMAND...: run COMMAND for at most LIMIT seconds (less if the budget has less
+# left), its output into LOG, the last lines into the table; mpiexec gets the limit as MPIEXEC_TIMEOUT.
+step() {
+    local name=$1 limit=$2 output=$3 left=$((BUDGET - SECONDS))
+    shift 3
+    if [ "$left" -lt 30 ]; then
+        log "## $name: not run, ${left} s left of the ${BUDGET} s budget"; status=1; return
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
+    log "## $name (at most ${limit} s)"
+    MPIEXEC_TIMEOUT=$limit timeout $((limit + 5)) "$@" > "$output" 2>&1
+    local rc=$?
+    tail -n 25 "$output" | tee -a "$OUT/gpu_check.txt"
+    if [ "$rc" -ne 0 ]; then
+        log "## $name: exit status $rc$([ "$rc" -eq 124 ] && echo ", out of time")"; status=1
+    fi
+    merge
+}
+: > "$OUT/gpu_check.txt"
+log "# gpu_check $(date -u +%FT%TZ) on $(hostname), budget ${BUDGET} s"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT/gpu_check.txt"
+$PY -c "import cupy, torch, mpi4py; print('cupy', cupy.__version__, 'torch', torch.__version__, 'mpi4py', mpi4py.__version__)" \
+    2>&1 | tee -a "$OUT/gpu_check.txt"
+TESTS="tests/test_gpu.py tests/test_device.py tests/test_cuda_aware.py"
+PYTEST="-m mpi4py -m pytest -p no:cacheprovider -q --with-mpi"
+step "python -m mpitrain info at 2 ranks" 60 "$OUT/info.log" mpiexec -n 2 $PY -m mpitrain info
+step "gpu tests at 1 rank (every test of $TESTS)" 150 "$OUT/tests_1.log" mpiexec -n 1 $PY $PYTEST $TESTS
+step "training step: mpitrain on cupy against torch on the same GPU" 150 "$OUT/training.log" \
+    $PY benchmarks/gpu.py training --json "$OUT/training.json"
+step "device all-reduce at 2 ranks (they share the GPU where there is one)" 90 "$OUT/collectives_2.log" \
+    mpiexec -n 2 $PY benchmarks/gpu.py collectives --json "$OUT/collectives_2.json"
+step "gpu tests at 2 ranks (the mpi ones)" 150 "$OUT/tests_2.log" mpiexec -n 2 $PY $PYTEST -m mpi $TESTS
+step "python -m mpitrain train --backend cupy at 2 ranks (the run header names each rank's GPU)" 90 \
+    "$OUT/train.log" mpiexec -n 2 $PY -m mpitrain train --backend cupy --epochs 3 --no-progress
+step "device all-reduce at 1 rank (the copy column: the staging limit)" 60 "$OUT/collectives_1.log" \
+    mpiexec -n 1 $PY benchmarks/gpu.py collectives --json "$OUT/collectives_1.json"
+log "# gpu_check status: $status after ${SECONDS} s; wrote $OUT/gpu_check.json"
 exit $status
