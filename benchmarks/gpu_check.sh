@@ -24,10 +24,12 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
 if ! command -v mpiexec >/dev/null && [ -d .whl ]; then
-    # A virtual environment over the system's packages (cupy, torch), with the carried MPI in it.
-    $PY -m venv --system-site-packages /tmp/gpu-venv && PY=/tmp/gpu-venv/bin/python
-    $PY -m pip install -q --no-index --no-deps --no-cache-dir .whl/*.whl || exit 1
-    export PATH="/tmp/gpu-venv/bin:$PATH"
+    # The carried MPI under a prefix of its own, in front of the system's packages (cupy, torch):
+    # needs no venv module, and pip leaves an externally managed Python alone for a --prefix.
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --prefix /tmp/gpu-mpi .whl/*.whl || exit 1
+    site=$(dirname "$(find /tmp/gpu-mpi -maxdepth 6 -type d -name mpi4py | head -n 1)")
+    libs=$(dirname "$(find /tmp/gpu-mpi -name 'libmpi.so.12' | head -n 1)")
+    export PATH="/tmp/gpu-mpi/bin:$PATH" PYTHONPATH="$site:$PYTHONPATH" LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 log() { echo "$@" | tee -a "$OUT/gpu_check.txt"; }
 merge() {
