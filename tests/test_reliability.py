@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -174,23 +175,29 @@ def test_fault_variable_is_validated(monkeypatch) -> None:
     faults.planned.cache_clear()
 
 
-def _names_the_dead_rank(output: str, rank: int) -> bool:
-    """Whether a killed job's output names ``rank`` as the one that died, as far as its launcher lets it.
+ATTEMPTS = 3  # runs of a job with a killed rank, when the launcher silenced every survivor
 
-    A survivor's watchdog names it, or Open MPI's launcher does. MPICH's
-    Hydra SIGKILLs the survivors about a millisecond after a rank dies, with
-    ``-disable-auto-cleanup`` too (strace on its proxy), and their watchdog
-    thread first needs the GIL: in some runs no survivor gets its line out.
-    Then Hydra's own report of the SIGKILL must be there, and no other rank
-    may have been named.
+
+def _rerun_while_only_the_launcher_spoke(run: Callable[[int], tuple[subprocess.CompletedProcess, float]]):
+    """``run(attempt)``, a job in which a rank is killed, again while only the launcher reported the
+    death, at most ``ATTEMPTS`` times; (the finished process, its seconds) of the last run.
+
+    MPICH's Hydra SIGKILLs the survivors about a millisecond after a rank
+    dies, ``-disable-auto-cleanup`` or not (strace on its proxy), and their
+    watchdog thread first needs the GIL: about 1 run in 10 here ends with
+    Hydra's ``Killed (signal 9)`` alone, before any survivor's line is out.
+    Only such a run is tried again; the caller's assertions are unchanged.
     """
-    if re.search(rf"rank {rank} \(pid \d+ on this node\) exited before the job finished|rank {rank} with PID", output):
-        return True
-    return "EXIT STRING: Killed (signal 9)" in output and "exited before the job finished" not in output
+    for attempt in range(ATTEMPTS):
+        done, seconds = run(attempt)
+        output = done.stdout + done.stderr
+        if "EXIT STRING: Killed (signal 9)" not in output or "exited before the job finished" in output:
+            break
+    return done, seconds
 
 
-def _faulty_run(tmp_path, fault: str, *extra: str):
-    args = ["--no-progress", "--epochs", "3", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "10", *extra]
+def _faulty_run(folder, fault: str, *extra: str):
+    args = ["--no-progress", "--epochs", "3", "--checkpoint-dir", str(folder), "--checkpoint-every", "10", *extra]
     start = time.monotonic()
     done = run_mpitrain(3, *args, timeout=120, extra_env={faults.VARIABLE: fault})
     return done, time.monotonic() - start
@@ -200,24 +207,26 @@ def _faulty_run(tmp_path, fault: str, *extra: str):
     "fault,message",
     [
         ("raise:1:25", r"\[rank 1\] unexpected error"),
-        ("kill:2:25", None),  # _names_the_dead_rank
+        ("kill:2:25", r"rank 2 \(pid \d+ on this node\) exited before the job finished|rank 2 with PID"),
         ("hang:1:25", r"\[rank 1\] watchdog: training step 25|have not entered it: \[1\]"),
     ],
 )
-def test_injected_fault_ends_the_job_and_leaves_a_resumable_checkpoint(
-    tmp_path, fault: str, message: str | None
-) -> None:
-    done, seconds = _faulty_run(tmp_path, fault, "--timeout", "3")
-    output = done.stdout + done.stderr
+def test_injected_fault_ends_the_job_and_leaves_a_resumable_checkpoint(tmp_path, fault: str, message: str) -> None:
+    folders = []
+
+    def run(attempt: int) -> tuple[subprocess.CompletedProcess, float]:
+        folders.append(tmp_path / f"run{attempt}")
+        return _faulty_run(folders[-1], fault, "--timeout", "3")
+
+    done, seconds = _rerun_while_only_the_launcher_spoke(run) if fault.startswith("kill") else run(0)
     assert done.returncode != 0
     assert seconds < 60, f"the job took {seconds:.0f} s to end"
-    # Whichever rank reports first, it names the failing rank.
-    named = _names_the_dead_rank(output, 2) if message is None else re.search(message, output)
-    assert named, output[-2000:]
-    saved = checkpoint.checkpoints(str(tmp_path))
+    # Whichever rank reports first, it names the failing rank (Open MPI's launcher names a killed rank itself).
+    assert re.search(message, done.stdout + done.stderr), (done.stdout + done.stderr)[-2000:]
+    saved = checkpoint.checkpoints(str(folders[-1]))
     # 15 steps/epoch at 3 ranks x 32: checkpoints at steps 10, 15 (epoch end) and 20, the fault before 25.
     assert [os.path.basename(p) for p in saved] == ["ckpt-000000020", "ckpt-000000015", "ckpt-000000010"]
-    resumed = run_mpitrain(3, "--no-progress", "--epochs", "3", "--checkpoint-dir", str(tmp_path), "--resume")
+    resumed = run_mpitrain(3, "--no-progress", "--epochs", "3", "--checkpoint-dir", str(folders[-1]), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "epoch   3" in resumed.stdout
 
@@ -226,14 +235,21 @@ def test_injected_fault_ends_the_job_and_leaves_a_resumable_checkpoint(
 @pytest.mark.parametrize("fault,rank", [("kill", 1), ("hang", 1), ("kill", 2), ("hang", 2)])  # rank 2: the server
 def test_a_dead_or_stalled_worker_or_server_ends_the_job_naming_it(strategy: str, fault: str, rank: int) -> None:
     args = ["--no-progress", "--epochs", "3", "--strategy", strategy, "--timeout", "3"]
-    start = time.monotonic()
-    done = run_mpitrain(3, *args, timeout=120, extra_env={faults.VARIABLE: f"{fault}:{rank}:25"})
-    seconds = time.monotonic() - start
+
+    def run(_: int) -> tuple[subprocess.CompletedProcess, float]:
+        start = time.monotonic()
+        done = run_mpitrain(3, *args, timeout=120, extra_env={faults.VARIABLE: f"{fault}:{rank}:25"})
+        return done, time.monotonic() - start
+
+    done, seconds = _rerun_while_only_the_launcher_spoke(run) if fault == "kill" else run(0)
     output = done.stdout + done.stderr
-    stalled = rf"\[rank {rank}\] watchdog: training step|from rank {rank} \(|have not entered it: \[{rank}\]"
+    named = (
+        rf"rank {rank} \(pid \d+ on this node\) exited before the job finished|rank {rank} with PID"
+        if fault == "kill"
+        else rf"\[rank {rank}\] watchdog: training step|from rank {rank} \(|have not entered it: \[{rank}\]"
+    )
     assert done.returncode != 0 and seconds < 60, (done.returncode, seconds)
-    named = _names_the_dead_rank(output, rank) if fault == "kill" else re.search(stalled, output)
-    assert named, output[-2000:]
+    assert re.search(named, output), output[-2000:]
 
 
 def _processes_running(marker: str) -> list[int]:
