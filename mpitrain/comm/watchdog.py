@@ -15,9 +15,11 @@ rank names it and aborts at once. It races the launcher: MPICH's Hydra
 when this thread wins the GIL first: most times, not every time.
 
 ``MPI_Abort`` has the launcher end every rank. Where the launcher is gone
-(its proxy killed, its mpiexec ended) MPICH's abort prints its line and the
-process lives on, blocked where its other threads were; so the abort is
-backed by a timer that ends this process itself ``ABORT_WAIT`` seconds later.
+(its mpiexec ended while this rank lived on, as when a wrapper script that
+did not exec was its child), MPICH's abort can print its line, fail to
+reach the launcher and not end the process, which stays blocked where its
+other threads were. So the abort is backed by a timer that ends this
+process itself ``ABORT_WAIT`` seconds later.
 """
 
 from __future__ import annotations
