@@ -196,11 +196,17 @@ def _rerun_while_only_the_launcher_spoke(run: Callable[[int], tuple[subprocess.C
     return done, seconds
 
 
-def _faulty_run(folder, fault: str, *extra: str):
-    args = ["--no-progress", "--epochs", "3", "--checkpoint-dir", str(folder), "--checkpoint-every", "10", *extra]
+def _timed_run(fault: str, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """A 3-rank ``python -m mpitrain`` job with ``fault`` injected; (the finished process, its seconds)."""
     start = time.monotonic()
     done = run_mpitrain(3, *args, timeout=120, extra_env={faults.VARIABLE: fault})
     return done, time.monotonic() - start
+
+
+def _faulty_run(folder, fault: str, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    return _timed_run(
+        fault, "--no-progress", "--epochs", "3", "--checkpoint-dir", str(folder), "--checkpoint-every", "10", *extra
+    )
 
 
 @pytest.mark.parametrize(
@@ -237,9 +243,7 @@ def test_a_dead_or_stalled_worker_or_server_ends_the_job_naming_it(strategy: str
     args = ["--no-progress", "--epochs", "3", "--strategy", strategy, "--timeout", "3"]
 
     def run(_: int) -> tuple[subprocess.CompletedProcess, float]:
-        start = time.monotonic()
-        done = run_mpitrain(3, *args, timeout=120, extra_env={faults.VARIABLE: f"{fault}:{rank}:25"})
-        return done, time.monotonic() - start
+        return _timed_run(f"{fault}:{rank}:25", *args)
 
     done, seconds = _rerun_while_only_the_launcher_spoke(run) if fault == "kill" else run(0)
     output = done.stdout + done.stderr
@@ -268,7 +272,7 @@ def _processes_running(marker: str) -> list[int]:
 @pytest.mark.skipif("-disable-auto-cleanup" not in mpiexec_command(1), reason="Hydra's SIGUSR1 makes the orphans")
 def test_no_rank_outlives_a_launcher_that_is_gone(tmp_path) -> None:
     """Ranks started through a shell script that does not exec: when rank 1 dies, Hydra's SIGUSR1 ends
-    the scripts, the launcher takes the job for over, and a survivor whose MPI_Abort then finds no
+    the scripts, the launcher takes the job for over and done, and a survivor whose MPI_Abort then finds no
     launcher to carry it out would wait on its dead peer forever. Its abort's timer ends it."""
     script = tmp_path / "rank.sh"
     script.write_text('#!/bin/bash\n"$@"\n')
