@@ -204,25 +204,30 @@ def allreduce(array: Any, op: str = "mean", algorithm: str = "auto") -> np.ndarr
 
 
 def grouped_allreduce(arrays: Sequence[Any], op: str = "mean", algorithm: str = "auto") -> list[np.ndarray]:
-    """Each of ``arrays`` reduced over every rank, fused into one reduction of one packed buffer (one
-    message stream instead of one per array). All arrays share a dtype; same list on every rank."""
+    """Each of ``arrays`` reduced over every rank, as one request: the arrays of each dtype (and place,
+    host or device) are packed into one buffer and reduced together, one message stream per group
+    instead of one per array, groups in the order their first array appears. Same list on every rank."""
     _check_op(op)
     parts = [_own_copy(a) for a in arrays]
-    if not parts:
-        return []
-    dtypes = {p.dtype for p in parts}
-    if len(dtypes) > 1:
-        raise TypeError(f"grouped_allreduce needs one dtype, got {sorted(map(str, dtypes))}")
-    if len({backend.is_device_array(p) for p in parts}) > 1:
-        raise TypeError("grouped_allreduce needs all arrays on the host or all on the device")
-    packed = backend.array_module_of(parts[0]).concatenate([p.reshape(-1) for p in parts])
+    groups: dict[tuple[bool, str], list[int]] = {}
+    for index, part in enumerate(parts):
+        groups.setdefault((backend.is_device_array(part), str(part.dtype)), []).append(index)
+    packed = [
+        backend.array_module_of(parts[g[0]]).concatenate([parts[i].reshape(-1) for i in g]) for g in groups.values()
+    ]
     comm = _state().comm
-    work = _on_device_of(packed, lambda: comm.allreduce(packed, op=op, algorithm=algorithm))
+
+    def work() -> None:
+        for buf in packed:
+            _on_device_of(buf, lambda buf=buf: comm.allreduce(buf, op=op, algorithm=algorithm))()
+
     _submit("grouped_allreduce", work).wait()
-    out, start = [], 0
-    for p in parts:
-        out.append(packed[start : start + p.size].reshape(p.shape))
-        start += p.size
+    out: list[Any] = [None] * len(parts)
+    for members, buf in zip(groups.values(), packed, strict=True):
+        start = 0
+        for i in members:
+            out[i] = buf[start : start + parts[i].size].reshape(parts[i].shape)
+            start += parts[i].size
     return out
 
 

@@ -70,8 +70,19 @@ def test_grouped_allreduce_equals_one_allreduce_each() -> None:
     for a, got in zip(arrays, grouped, strict=True):
         assert got.shape == a.shape
         np.testing.assert_allclose(got, mt.allreduce(a), rtol=1e-12)
-    with pytest.raises(TypeError, match="one dtype"):
-        mt.grouped_allreduce([np.zeros(2), np.zeros(2, np.float32)])
+
+
+@pytest.mark.mpi
+def test_grouped_allreduce_of_mixed_dtypes_reduces_each_in_its_own_dtype() -> None:
+    arrays = [_mine((3,)), _mine((4,), np.float32), (_mine((2, 2)) * 100).astype(np.int64), _mine((5,))]
+    grouped = mt.grouped_allreduce(arrays, op="sum")
+    for a, got in zip(arrays, grouped, strict=True):
+        expected = np.empty_like(a)
+        WORLD.Allreduce(a, expected, op=MPI.SUM)
+        assert got.dtype == a.dtype and got.shape == a.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="floating dtype"):
+        mt.grouped_allreduce([np.zeros(2), np.zeros(2, np.int32)])
 
 
 @pytest.mark.mpi
