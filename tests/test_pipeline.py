@@ -20,7 +20,7 @@ from mpitrain.optim import SGD
 from mpitrain.parallel import AllReduce, Job, Pipeline
 from mpitrain.parallel.data_parallel import AllReduceOptions
 from mpitrain.parallel.local_step import LocalStep
-from mpitrain.parallel.pipeline import PipelineOptions, balanced_split, check_split
+from mpitrain.parallel.pipeline import PipelineOptions
 from mpitrain.parallel.schedules import (
     BACKWARD,
     FORWARD,
@@ -33,6 +33,7 @@ from mpitrain.parallel.schedules import (
     ideal_bubble,
     simulate,
 )
+from mpitrain.parallel.stages import balanced_split, check_split
 from mpitrain.train import train, train_config
 from tests.conftest import run_mpitrain, shared_folder
 

@@ -46,7 +46,7 @@ import numpy as np
 from mpitrain import backend
 from mpitrain.cli_types import positive_int
 from mpitrain.comm import Communicator, mark_all_ranks
-from mpitrain.nn import Module, Sequential
+from mpitrain.nn import Sequential
 from mpitrain.optim import clip_grad_norm
 from mpitrain.parallel.base import (
     Job,
@@ -72,6 +72,7 @@ from mpitrain.parallel.schedules import (
     owner,
     simulate,
 )
+from mpitrain.parallel.stages import Chunks, Slot, balanced_split, check_split, layer_list, layer_span, profile, twin
 from mpitrain.timeline import SPANS
 
 TAG_BASE = 100  # message tags: TAG_BASE + ((direction * stages) + stage) * micro-batches + micro-batch
@@ -89,96 +90,6 @@ class PipelineOptions:
     schedule_pp: str = "1f1b"
     virtual_stages: int = 1
     split: tuple[int, ...] = ()
-
-
-def layer_list(text: str) -> tuple[int, ...]:
-    """``--split``: comma-separated layer indices where a new stage begins, e.g. ``3`` or ``2,4,6``."""
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected layer indices like 2,4; got {text!r}") from None
-
-
-def balanced_split(costs: list[float], parts: int) -> list[int]:
-    """Where stages 1..parts-1 begin so that the costliest stage costs least (every stage non-empty).
-
-    An exact linear partition (dynamic programming over prefix sums); ties go to the earliest cut.
-    """
-    n = len(costs)
-    if not 1 <= parts <= n:
-        raise ValueError(f"{n} layers cannot be cut into {parts} non-empty stages")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    best = [[math.inf] * (n + 1) for _ in range(parts + 1)]  # best[p][i]: first i layers in p stages
-    cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0.0
-    for p in range(1, parts + 1):
-        for i in range(p, n + 1):
-            for j in range(p - 1, i):
-                value = max(best[p - 1][j], prefix[i] - prefix[j])
-                if value < best[p][i]:
-                    best[p][i], cut[p][i] = value, j
-    cuts, i = [], n
-    for p in range(parts, 1, -1):
-        i = cut[p][i]
-        cuts.append(i)
-    return cuts[::-1]
-
-
-def check_split(split: tuple[int, ...], layers: int, stages: int) -> None:
-    """Raise ValueError unless ``split`` starts ``stages - 1`` stages at increasing indices inside (0, layers)."""
-    if len(split) != stages - 1:
-        raise ValueError(f"--split needs {stages - 1} layer indices for {stages} stages, got {len(split)}")
-    bounds = [0, *split, layers]
-    for a, b in itertools.pairwise(bounds):
-        if not a < b:
-            raise ValueError(
-                f"--split {','.join(map(str, split))} does not cut the {layers} layers into non-empty stages "
-                f"in order (each index in 1..{layers - 1}, increasing)"
-            )
-
-
-def layer_span(layout: list[tuple[str, int, int]], first: int, stop: int) -> tuple[int, int] | None:
-    """(start, stop) in a flat buffer laid out as ``layout`` of the parameters of layers [first, stop)
-    (contiguous: the layout is in reverse layer order), or None when those layers have none."""
-    spans = [(a, b) for name, a, b in layout if first <= int(name.split(".", 1)[0]) < stop]
-    return (min(a for a, _ in spans), max(b for _, b in spans)) if spans else None
-
-
-class Chunks(Module):
-    """A rank's model chunks as one module: one pair of flat buffers, parameters named as in the whole model."""
-
-    def __init__(self, chunks: list[Sequential]) -> None:
-        self.chunks = chunks
-
-    def children(self) -> list[Module]:
-        return list(self.chunks)
-
-    def named_parameters(self, prefix: str = "") -> Any:
-        for chunk in self.chunks:
-            yield from chunk.named_parameters(prefix)
-
-
-class Slot:
-    """One micro-batch's place on a stage: layers sharing the stage's parameters, and a loss object."""
-
-    def __init__(self, model: Sequential, loss: Any) -> None:
-        self.model, self.loss = model, loss
-        self.grad: Any = None  # last stage: d(loss)/d(output) of the micro-batch in this slot
-
-
-def _twin(fresh: Sequential, chunk: Sequential) -> Sequential:
-    """``fresh`` (the same layers, uninitialised) made to compute with ``chunk``'s parameters, gradients and
-    random streams."""
-    for (_, p), (_, q) in zip(fresh.named_parameters(), chunk.named_parameters(), strict=True):
-        p.data, p.grad = q.data, q.grad
-    for m, n in zip(fresh.modules(), chunk.modules(), strict=True):
-        m.xp, m.training = n.xp, n.training
-        if getattr(n, "random_stream", None) is not None:
-            m.random_stream = n.random_stream
-    fresh.need_input_grad = chunk.need_input_grad
-    return fresh
 
 
 @register
@@ -246,7 +157,7 @@ class Pipeline(Strategy):
                 check_split(options.split, layers, P * V)
         except (ValueError, TypeError) as exc:
             raise mark_all_ranks(exc) from None
-        shapes, costs = self._profile()
+        shapes, costs = profile(job)
         self.bounds = [0, *(options.split or balanced_split(costs, P * V)), layers]
         self.row, self.column = comm.grid(comm.size // P, P)  # this pipeline's stages; this stage's replicas
         self.rank = self.row.rank  # the stage rank in the pipeline
@@ -263,7 +174,7 @@ class Pipeline(Strategy):
         self.slots = {
             k: [Slot(chunk, job.loss())]
             + [
-                Slot(_twin(job.build_model().stage(self.bounds[k], self.bounds[k + 1]), chunk), job.loss())
+                Slot(twin(job.build_model().stage(self.bounds[k], self.bounds[k + 1]), chunk), job.loss())
                 for _ in range(peaks[k] - 1)
             ]
             for k, chunk in zip(self.stages, chunks, strict=True)
@@ -300,19 +211,6 @@ class Pipeline(Strategy):
             for k in self.stages
         }
         self._eval_buffers: dict[tuple[int, int], Any] = {}
-
-    def _profile(self) -> tuple[list[tuple[int, ...]], list[float]]:
-        """Each layer's output shape per sample and its cost (parameters + output elements per sample), from
-        a forward of one zero sample in evaluation mode (no random numbers drawn)."""
-        model = self.job.build_model().init_params(seed=self.job.seed, dtype=self.job.dtype)
-        model.eval()
-        x = np.zeros((1, *self.job.sample_shape), self.job.dtype)
-        shapes, costs = [], []
-        for layer in model.layers:
-            x = layer.forward(x)
-            shapes.append(tuple(x.shape[1:]))
-            costs.append(float(layer.num_parameters() + x[0].size))
-        return shapes, costs
 
     def _tag(self, kind: str, micro: int, stage: int) -> int:
         return TAG_BASE + ((0 if kind == "act" else 1) * (self.last + 1) + stage) * self.M + micro
