@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import queue
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +32,7 @@ import numpy as np
 
 from mpitrain import backend
 from mpitrain.comm import Communicator
+from mpitrain.comm.watchdog import abort_job
 from mpitrain.nn import Module, Sequential
 from mpitrain.optim import Optimizer, clip_grad_norm
 from mpitrain.parallel.reducer import DEFAULT_BUCKET_BYTES, GradientReducer
@@ -96,12 +98,17 @@ def init(comm: Any = None, timeout: float = 300.0, checked: bool = True) -> None
     ``timeout``: seconds any call may wait on other ranks before the job is
     ended with a message. ``checked``: ranks agree on every call's shape,
     dtype and op first (one small all-gather), so a mismatch is an error,
-    not a hang. A second ``init`` is a no-op; ``shutdown`` first to change.
+    not a hang. Until ``shutdown``, an exception this process does not catch
+    ends the whole job (``sys.excepthook``, chained to the one it replaces).
+    A second ``init`` is a no-op; ``shutdown`` first to change.
     """
     global _STATE
     if _STATE is not None:
         return
     _STATE = _State(Communicator(comm, checked=checked, timeout=timeout))
+    if sys.excepthook is not _end_job_on_uncaught_exception:
+        _PREVIOUS_HOOK[0] = sys.excepthook
+        sys.excepthook = _end_job_on_uncaught_exception
     atexit.register(shutdown)
 
 
@@ -110,7 +117,24 @@ def shutdown() -> None:
     global _STATE
     if _STATE is not None:
         state, _STATE = _STATE, None
+        if sys.excepthook is _end_job_on_uncaught_exception:
+            sys.excepthook = _PREVIOUS_HOOK[0]
         state.close()
+
+
+_PREVIOUS_HOOK = [sys.excepthook]  # the hook init replaced, restored by shutdown
+
+
+def _end_job_on_uncaught_exception(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """An exception nobody caught ends the whole job, as ``python -m mpi4py`` does: the traceback (through
+    the hook this one replaced), a line naming this rank, then MPI's abort. Otherwise this process would
+    wait at exit in ``shutdown``'s collective for ranks that wait in theirs for it, until ``timeout``."""
+    _PREVIOUS_HOOK[0](kind, value, tb)
+    state = _STATE
+    if state is None or state.comm.size == 1:
+        return
+    print(f"[rank {state.comm.rank}] uncaught {kind.__name__}: ending the whole job", file=sys.stderr, flush=True)
+    abort_job(1)
 
 
 def is_initialized() -> bool:

@@ -250,3 +250,20 @@ def test_a_call_that_some_ranks_never_make_ends_the_job_naming_them(tmp_path) ->
     done = subprocess.run(command, capture_output=True, text=True, env=child_environment(50), timeout=60, check=False)
     assert done.returncode != 0
     assert "allreduce #1 has not completed" in done.stderr and "have not entered it: [1]" in done.stderr, done.stderr
+
+
+def test_an_exception_one_rank_does_not_catch_ends_the_job_at_once_naming_the_rank(tmp_path) -> None:
+    script = tmp_path / "raises.py"
+    script.write_text(
+        "import numpy as np\nimport mpitrain as mt\n"
+        "mt.init(timeout=40)\n"
+        "mt.allreduce(np.ones(3))\n"
+        "if mt.rank() == 1:\n    raise ValueError('bad batch on rank 1')\n"
+        "mt.allreduce(np.ones(3))\n"
+    )
+    command = mpiexec_command(3, sys.executable, str(script))
+    done = subprocess.run(command, capture_output=True, text=True, env=child_environment(45), timeout=60, check=False)
+    assert done.returncode != 0
+    assert "ValueError: bad batch on rank 1" in done.stderr, done.stderr
+    assert "[rank 1] uncaught ValueError: ending the whole job" in done.stderr, done.stderr
+    assert "has not completed" not in done.stderr, done.stderr  # not the watchdog's timeout
