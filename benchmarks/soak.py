@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     world = MPI.COMM_WORLD
     comm = Communicator(world, timeout=300)
-    threads.limit_threads(comm.local_size)
+    threads.limit_threads(threads.ranks_sharing_cores(comm))
     data = load_digits()
     model = build_model("mlp", data.sample_shape, data.num_classes).init_params(allocate=comm.allocate)
     dp = DataParallel(

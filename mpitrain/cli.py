@@ -110,7 +110,12 @@ def _train_parser(prog: str) -> _Parser:
         help="start from a --save .npz or a checkpoint's whole model (any strategy)",
     )
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in all")
-    p.add_argument("--threads", type=positive_int, default=None, help="BLAS threads per rank (default cores/ranks)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="BLAS threads per rank (default: its cores / the ranks sharing them)",
+    )
     p.add_argument("--metrics", default=None, metavar="FILE.jsonl", help="one JSON line per epoch")
     p.add_argument("--save", default=None, metavar="FILE.npz", help="write the final parameters")
     p.add_argument("--timeline", default=None, metavar="FILE.json",
@@ -205,7 +210,7 @@ def _run_bench(args: argparse.Namespace, comm: Communicator) -> None:
 
 
 def _run_train(args: argparse.Namespace, comm: Communicator) -> None:
-    count = threads.limit_threads(comm.local_size, args.threads)
+    count = threads.limit_threads(threads.ranks_sharing_cores(comm), args.threads)
     if args.resume in ("", "auto"):
         if not args.checkpoint_dir:
             needs = (
@@ -234,7 +239,8 @@ def _run_train(args: argparse.Namespace, comm: Communicator) -> None:
 
 
 def _run_info(args: argparse.Namespace, comm: Communicator) -> None:
-    count = threads.limit_threads(comm.local_size)
+    sharing = threads.ranks_sharing_cores(comm)
+    count = threads.limit_threads(sharing)
     hosts = comm.allgather_object(MPI.Get_processor_name())
     if comm.rank != 0:
         return
@@ -250,7 +256,7 @@ def _run_info(args: argparse.Namespace, comm: Communicator) -> None:
         print(f"backend:       {name}: {text}")
     for line in device_report(comm):
         print(line)
-    print(f"threads:       {count} per rank ({threads.cores_available()} core(s) visible)")
+    print(f"threads:       {count} per rank ({threads.cores_available()} core(s) visible, shared by {sharing} rank(s))")
     print(f"collectives:   {comm.tuning.describe()} (override with MPITRAIN_<NAME> variables)")
     for line in threads.thread_pools():
         print(f"thread pool:   {line}")
@@ -296,7 +302,7 @@ def _evaluate_parser(prog: str) -> _Parser:
 
 
 def _run_evaluate(args: argparse.Namespace, comm: Communicator) -> None:
-    threads.limit_threads(comm.local_size)
+    threads.limit_threads(threads.ranks_sharing_cores(comm))
     result = inference.evaluate(comm, args.model_file, args.dataset)
     if result is not None:
         print(f"{args.model_file} on {args.dataset}: loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  "
@@ -318,7 +324,7 @@ def _predict_parser(prog: str) -> _Parser:
 
 
 def _run_predict(args: argparse.Namespace, comm: Communicator) -> None:
-    threads.limit_threads(comm.local_size)
+    threads.limit_threads(threads.ranks_sharing_cores(comm))
     count = inference.predict(comm, args.model_file, args.input, args.output)
     if comm.rank == 0:
         print(f"# {count} labels written to {args.output}")
