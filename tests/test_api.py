@@ -239,30 +239,28 @@ def test_join_on_uneven_data_averages_over_the_ranks_that_had_a_batch() -> None:
     assert mt.join() == -1  # nothing to shadow: a barrier
 
 
+def _script_job(tmp_path, ranks: int, text: str, timeout: int) -> subprocess.CompletedProcess:
+    """A user's script ``text`` run on ``ranks`` ranks under a fresh mpiexec (MPIEXEC_TIMEOUT ``timeout``)."""
+    script = tmp_path / "script.py"
+    script.write_text("import time\nimport numpy as np\nimport mpitrain as mt\n" + text)
+    command = mpiexec_command(ranks, sys.executable, str(script))
+    env = child_environment(timeout)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout + 15, check=False)
+
+
 def test_a_call_that_some_ranks_never_make_ends_the_job_naming_them(tmp_path) -> None:
-    script = tmp_path / "partial.py"
-    script.write_text(
-        "import time\nimport numpy as np\nimport mpitrain as mt\n"
-        "mt.init(timeout=3)\n"
-        "if mt.rank() == 0:\n    mt.allreduce(np.ones(3))\nelse:\n    time.sleep(60)\n"
-    )
-    command = mpiexec_command(2, sys.executable, str(script))
-    done = subprocess.run(command, capture_output=True, text=True, env=child_environment(50), timeout=60, check=False)
+    text = "mt.init(timeout=3)\nif mt.rank() == 0:\n    mt.allreduce(np.ones(3))\nelse:\n    time.sleep(60)\n"
+    done = _script_job(tmp_path, 2, text, 50)
     assert done.returncode != 0
     assert "allreduce #1 has not completed" in done.stderr and "have not entered it: [1]" in done.stderr, done.stderr
 
 
 def test_an_exception_one_rank_does_not_catch_ends_the_job_at_once_naming_the_rank(tmp_path) -> None:
-    script = tmp_path / "raises.py"
-    script.write_text(
-        "import numpy as np\nimport mpitrain as mt\n"
-        "mt.init(timeout=40)\n"
-        "mt.allreduce(np.ones(3))\n"
-        "if mt.rank() == 1:\n    raise ValueError('bad batch on rank 1')\n"
-        "mt.allreduce(np.ones(3))\n"
+    text = (
+        "mt.init(timeout=40)\nmt.allreduce(np.ones(3))\n"
+        "if mt.rank() == 1:\n    raise ValueError('bad batch on rank 1')\nmt.allreduce(np.ones(3))\n"
     )
-    command = mpiexec_command(3, sys.executable, str(script))
-    done = subprocess.run(command, capture_output=True, text=True, env=child_environment(45), timeout=60, check=False)
+    done = _script_job(tmp_path, 3, text, 45)
     assert done.returncode != 0
     assert "ValueError: bad batch on rank 1" in done.stderr, done.stderr
     assert "[rank 1] uncaught ValueError: ending the whole job" in done.stderr, done.stderr
