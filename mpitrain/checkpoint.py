@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mpitrain.comm import Communicator, mark_all_ranks
+from mpitrain.comm import Communicator, mark_all_ranks, raised_on_all_ranks
 from mpitrain.nn import Module
 from mpitrain.parallel.base import State
 
@@ -130,11 +130,40 @@ def runs(folder: str) -> dict[str, int]:
 
 def save(comm: Communicator, folder: str, step: int, state: State, run_id: str, keep: int) -> str:
     """Write checkpoint ``step`` of run ``run_id`` into ``folder`` (collective) and keep this run's
-    newest ``keep``; returns the checkpoint's path."""
+    newest ``keep``; returns the checkpoint's path.
+
+    Raises (on every rank) when any rank cannot write its part, a full disk
+    say: the partial checkpoint is removed and the earlier ones stay, and the
+    message names the step, the folder and what went wrong on which rank.
+    """
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     final = os.path.join(folder, PATTERN.format(step=step))
     tmp = os.path.join(folder, f".tmp-{os.path.basename(final)}-{run_id}")
+    try:
+        _write(comm, folder, tmp, step, state, run_id)
+    except Exception as exc:
+        if not raised_on_all_ranks(exc):
+            raise
+        if comm.rank == 0:  # every rank is past writing: the agreement that raised this was collective
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise mark_all_ranks(
+            type(exc)(f"checkpoint {step} was not written to {folder} (the checkpoints before it stay): {exc}")
+        ) from exc
+    with comm.agreement():
+        if comm.rank == 0:
+            if os.path.exists(final):  # the same step written again (a resumed run): the new one wins
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_folder(folder)
+            mine = [p for p in checkpoints(folder) if _run_of(p) == run_id]
+            for old in mine[keep:]:
+                shutil.rmtree(old)
+    return final
+
+
+def _write(comm: Communicator, folder: str, tmp: str, step: int, state: State, run_id: str) -> None:
+    """Every rank's shard, the replicated state and the manifest into the folder ``tmp`` (collective)."""
     with comm.agreement():
         if comm.rank == 0:
             os.makedirs(folder, exist_ok=True)
@@ -162,14 +191,6 @@ def save(comm: Communicator, folder: str, step: int, state: State, run_id: str, 
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_folder(tmp)
-            if os.path.exists(final):  # the same step written again (a resumed run): the new one wins
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_folder(folder)
-            mine = [p for p in checkpoints(folder) if _run_of(p) == run_id]
-            for old in mine[keep:]:
-                shutil.rmtree(old)
-    return final
 
 
 def _run_of(path: str) -> str | None:

@@ -44,6 +44,34 @@ def test_round_trip_gives_every_rank_its_own_shard(comm: Communicator, tmp_path)
     assert hidden == []
 
 
+@pytest.mark.mpi
+def test_a_shard_that_cannot_be_written_fails_the_checkpoint_on_every_rank_and_leaves_the_earlier_ones(
+    comm: Communicator, tmp_path, monkeypatch
+) -> None:
+    folder = shared_folder(tmp_path)
+    checkpoint.save(comm, folder, 5, state(5, comm.rank), "run-a", keep=3)
+    failing = comm.size - 1
+    if comm.rank == failing:  # this rank's disk is full
+
+        def full(path: str, arrays: dict) -> str:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(checkpoint, "atomic_save_npz", full)
+    try:
+        checkpoint.save(comm, folder, 10, state(10, comm.rank), "run-a", keep=3)
+        error = None
+    except Exception as exc:  # noqa: BLE001 - checked below, on every rank
+        error = exc
+    monkeypatch.undo()
+    comm.allreduce(np.zeros(1))  # every rank is past the failed save before rank 0 looks at the folder
+    found = checkpoint.load_newest(comm, folder)
+    assert error is not None and raised_on_all_ranks(error), error
+    assert f"checkpoint 10 was not written to {folder}" in str(error), error
+    assert f"rank {failing}: [Errno 28] No space left on device" in str(error), error
+    assert sorted(os.listdir(folder)) == ["ckpt-000000005"]  # no partial checkpoint left behind
+    assert found.path.endswith("ckpt-000000005") and not found.skipped
+
+
 def test_another_world_reads_only_the_replicated_part(tmp_path, self_comm: Communicator) -> None:
     checkpoint.save(self_comm, str(tmp_path), 1, state(1, 0), "run", keep=1)
     manifest = tmp_path / "ckpt-000000001" / "manifest.json"
