@@ -6,9 +6,11 @@ Rank 0 prints and writes, except the timeline, which every rank's spans feed (a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,6 +27,17 @@ if TYPE_CHECKING:
 SPREAD_WARNING = 1e3  # feature deviations this many times apart: the header suggests --standardize
 # The per-phase breakdown of each metrics record (seconds of this rank's steps in the epoch).
 PHASES = ("data", "forward", "backward", "exposed_comm", "optimizer", "allreduce")
+
+
+@contextlib.contextmanager
+def output(comm: Communicator, option: str, path: str | None) -> Iterator[None]:
+    """A block in which rank 0 writes the file of ``option`` (collective): an OSError there, a full disk
+    say, is one error on every rank naming the option and the file, not a traceback and an abort."""
+    with comm.agreement():
+        try:
+            yield
+        except OSError as exc:
+            raise OSError(f"{option} {path}: {exc.strerror or exc}") from exc
 
 
 def check_outputs(config: TrainConfig, leader: bool = True) -> None:
@@ -169,10 +182,12 @@ def write_timeline(config: TrainConfig, comm: Communicator) -> None:
     SPANS.recording = False
     mine = trace_events(comm.rank, SPANS.zero, SPANS.events, threading.main_thread().ident)
     gathered = comm.gather_object((mine, SPANS.dropped))
-    if gathered is not None:
-        dropped = sum(d for _, d in gathered)
-        meta = {"steps": config.timeline_steps, "ranks": comm.size, "dropped_events": dropped}
-        checkpoint.atomic_write(config.timeline, lambda f: f.write(trace_document([e for e, _ in gathered], meta)))
-        if dropped:
-            print(f"# timeline: {dropped} span(s) past {MAX_EVENTS} per rank not recorded: narrow --timeline-steps",
-                  flush=True)  # fmt: skip
+    with output(comm, "--timeline", config.timeline):
+        if gathered is not None:
+            dropped = sum(d for _, d in gathered)
+            meta = {"steps": config.timeline_steps, "ranks": comm.size, "dropped_events": dropped}
+            document = trace_document([e for e, _ in gathered], meta)
+            checkpoint.atomic_write(config.timeline, lambda f: f.write(document))
+            if dropped:
+                print(f"# timeline: {dropped} span(s) past {MAX_EVENTS} per rank not recorded: narrow "
+                      "--timeline-steps", flush=True)  # fmt: skip

@@ -248,7 +248,8 @@ def _run(
         x_train = data.x_train.astype(dtype, copy=False)
         x_batch = np.empty((config.batch_size, *data.sample_shape), dtype)
         y_batch = np.empty(config.batch_size, data.y_train.dtype)
-    metrics_file = report.open_metrics(config) if leader else None
+    with report.output(comm, "--metrics", config.metrics):
+        metrics_file = report.open_metrics(config) if leader else None
     window = report.start_timeline(config, comm)
     history: list[dict[str, Any]] = []
     run_began, stopped_at = time.perf_counter(), None  # stopped_at: (step, epoch) where --max-steps cut an epoch
@@ -334,8 +335,9 @@ def _run(
             **strategy.stats,
         }
         history.append(record)
-        if leader:
-            report.epoch_line(record, metrics_file, config.breakdown)
+        with report.output(comm, "--metrics", config.metrics):
+            if leader:
+                report.epoch_line(record, metrics_file, config.breakdown)
         if config.checkpoint_dir:
             at = resume.Position(epoch + 1, 0, position.global_step, np.zeros(3))
             STATUS["checkpoint"] = resume.save(config, comm, strategy, at, run_id)
@@ -348,10 +350,11 @@ def _run(
     if config.save:
         strategy.sync()
         arrays = strategy.export()
-        if leader:  # the architecture too, so evaluate / predict need no model flags
-            spec = (config.model, config.hidden, config.dropout, data.sample_shape, data.num_classes, config.dtype)
-            entries = inference.architecture_entry(*spec, config.as_json(), scaling)
-            checkpoint.atomic_save_npz(config.save, arrays | entries)
+        with report.output(comm, "--save", config.save):
+            if leader:  # the architecture too, so evaluate / predict need no model flags
+                spec = (config.model, config.hidden, config.dropout, data.sample_shape, data.num_classes, config.dtype)
+                entries = inference.architecture_entry(*spec, config.as_json(), scaling)
+                checkpoint.atomic_save_npz(config.save, arrays | entries)
     if leader:
         report.summary(config, history, time.perf_counter() - run_began, stopped_at, STATUS["checkpoint"])
     return history

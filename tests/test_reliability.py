@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpitrain import checkpoint, faults
+from mpitrain import checkpoint, faults, report
 from mpitrain.comm import Communicator, raised_on_all_ranks
 from mpitrain.comm.watchdog import ABORT_WAIT, EXIT_PEER_EXITED, EXIT_TIMEOUT, FINISHED, Peer, Watchdog, process_start
 from mpitrain.jobs import child_environment, mpiexec_command
@@ -87,6 +87,42 @@ def test_nonfinite_gradients(comm: Communicator, monkeypatch, policy: str, shard
             assert np.isfinite(result.model.flat_params).all()
     finally:
         faults.planned.cache_clear()
+
+
+class _FullFile:
+    """A --metrics file on a full disk: every write fails."""
+
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
+def _full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    "option,module,writer,fake",
+    [
+        ("metrics", report, "open_metrics", lambda config: _FullFile()),
+        ("save", checkpoint, "atomic_save_npz", _full),
+        ("timeline", checkpoint, "atomic_write", _full),
+    ],
+)
+def test_an_output_rank_0_cannot_write_is_one_error_on_every_rank(
+    comm: Communicator, tmp_path, monkeypatch, option: str, module, writer: str, fake
+) -> None:
+    path = os.path.join(shared_folder(tmp_path), f"out.{option}")
+    if comm.rank == 0:  # rank 0 writes every one of them; its disk is full
+        monkeypatch.setattr(module, writer, fake)
+    with pytest.raises(OSError) as info:
+        train(config(None, epochs=1, batch_size=64, **{option: path}), comm)
+    monkeypatch.undo()
+    assert raised_on_all_ranks(info.value)
+    assert str(info.value) == f"rank 0: --{option} {path}: No space left on device", info.value
 
 
 @pytest.mark.mpi(min_size=2)

@@ -26,7 +26,9 @@ from mpitrain.comm.shm import SharedBuffers
 
 _ACCEPTED = frozenset(DTYPES)  # a set lookup: this check runs before every collective
 _ACCEPTED_IDS = frozenset(id(d) for d in DTYPES)  # faster still for numpy's canonical dtype objects
-ERROR_TYPES = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, RuntimeError, MemoryError)}
+ERROR_TYPES = {
+    cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError, MemoryError)
+}
 
 Problem = tuple[str, str]  # (exception class name, message)
 
@@ -138,7 +140,7 @@ def agree_on_error(comm: MPI.Comm, error: BaseException | None) -> None:
     """Raise on every rank if any rank passes an error; otherwise return on every rank.
 
     The raised exception has the type of the lowest failing rank's error
-    (ValueError, TypeError, FileNotFoundError, else RuntimeError) and a
+    (ValueError, TypeError, FileNotFoundError, OSError, else RuntimeError) and a
     message naming that rank.
     """
     local = None if error is None else (type(error).__name__, str(error))
