@@ -32,6 +32,7 @@ from mpitrain.train import STATUS, TrainConfig, train, train_config
 EXIT_USAGE = 2
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # as a shell reports a program ended by Ctrl-C
+EXIT_TERMINATED = 143  # as a shell reports a program ended by SIGTERM
 
 TRAIN_EXAMPLES = """examples:
   mpirun -np 4 python -m mpitrain                      # MLP on digits, 4 ranks
@@ -394,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (the same on every rank for known errors)."""
     rank = MPI.COMM_WORLD.Get_rank()
     _keep_running_when_a_peer_fails()
+    _end_like_ctrl_c_on_sigterm()
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
         log.setup(rank, MPI.COMM_WORLD.Get_size(), getattr(args, "log_level", "WARNING"))
@@ -405,8 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    except KeyboardInterrupt:
-        _interrupted(rank)
+    except KeyboardInterrupt as exc:
+        _interrupted(rank, isinstance(exc, Terminated))
     except Exception as exc:  # noqa: BLE001 - decide between a clean exit and an abort
         if raised_on_all_ranks(exc):
             if rank == 0:
@@ -427,12 +429,31 @@ def _keep_running_when_a_peer_fails() -> None:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def _interrupted(rank: int) -> None:
-    """Ctrl-C: one message from rank 0 (where the run stood and how to resume), then the whole job ends
-    with EXIT_INTERRUPTED; no rank prints a traceback, none is left waiting in a collective."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: a batch system's time limit or preemption (Slurm sends it to every task, then
+    SIGKILL after its KillWait), ``scancel``, ``kill``. The run ends as on Ctrl-C."""
+
+
+def _end_like_ctrl_c_on_sigterm() -> None:
+    """Unless something handles SIGTERM, make it raise ``Terminated`` in the main thread, so the run ends
+    with one message saying where it stood and which checkpoint to resume from, not silently."""
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+
+        def terminate(signum: int, frame: object) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second would cut the message short
+            raise Terminated
+
+        signal.signal(signal.SIGTERM, terminate)
+
+
+def _interrupted(rank: int, terminated: bool = False) -> None:
+    """Ctrl-C or SIGTERM (``terminated``): one message from rank 0 (where the run stood and how to
+    resume), then the whole job ends with EXIT_INTERRUPTED or EXIT_TERMINATED; no rank prints a
+    traceback, none is left waiting in a collective."""
     if rank == 0:
         step, saved = STATUS.get("step", 0), STATUS.get("checkpoint")
-        where = f"interrupted at step {step}" if step else "interrupted"
+        event = "terminated (SIGTERM)" if terminated else "interrupted"
+        where = f"{event} at step {step}" if step else event
         if saved:
             hint = f"; newest checkpoint {saved}: add --resume to the same command to go on from it"
         elif STATUS.get("checkpoint_dir"):
@@ -441,7 +462,7 @@ def _interrupted(rank: int) -> None:
             hint = "; no checkpoints were asked for (--checkpoint-dir DIR --checkpoint-every N keeps progress)"
         print(where + hint, file=sys.stderr, flush=True)
     # Rank 0 ends the job; the others only if it cannot (so the library reports one abort, not one per rank).
-    abort_job(EXIT_INTERRUPTED, GRACE if rank == 0 else 3 * GRACE)
+    abort_job(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED, GRACE if rank == 0 else 3 * GRACE)
 
 
 def console_main() -> None:

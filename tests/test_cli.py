@@ -215,8 +215,13 @@ def test_a_global_batch_larger_than_the_data_is_warned_about() -> None:
     assert "[rank 0/2] WARNING mpitrain: 2 rank(s) x batch 1000" in done.stderr  # once per job, from rank 0
 
 
-def test_ctrl_c_is_one_message_and_status_130(tmp_path) -> None:
-    # Defect: Ctrl-C under MPICH printed a KeyboardInterrupt traceback from every rank and exited 2.
+@pytest.mark.parametrize(
+    "sent,status,said",
+    [(signal.SIGINT, 130, "interrupted at step"), (signal.SIGTERM, 143, "terminated (SIGTERM) at step")],
+)
+def test_ctrl_c_or_sigterm_is_one_message_and_the_shells_status(tmp_path, sent, status: int, said: str) -> None:
+    # Defects: Ctrl-C under MPICH printed a KeyboardInterrupt traceback from every rank and exited 2; SIGTERM
+    # (Slurm's time limit, scancel) ended every rank silently, without saying which checkpoint to resume.
     args = ["--no-progress", "--epochs", "500", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "20"]
     command = mpiexec_command(2, sys.executable, "-m", "mpitrain", *args)
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -226,7 +231,7 @@ def test_ctrl_c_is_one_message_and_status_130(tmp_path) -> None:
         while not (lines and lines[-1].startswith("epoch   3")):
             lines.append(job.stdout.readline())
             assert lines[-1] or job.poll() is None, "".join(lines)
-        os.killpg(job.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        os.killpg(job.pid, sent)  # what a terminal's Ctrl-C does (and Slurm's SIGTERM): the whole group
         err = job.communicate(timeout=60)[1]
     finally:
         job.kill()
@@ -234,8 +239,8 @@ def test_ctrl_c_is_one_message_and_status_130(tmp_path) -> None:
     deadline = time.monotonic() + 10  # the launcher has returned; its ranks must be gone too
     while (left := [pid for pid in pids if "zombie" not in _state(pid)]) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert job.returncode == 130, err
-    assert err.count("interrupted at step") == 1 and "newest checkpoint" in err and "--resume" in err, err
+    assert job.returncode == status, err
+    assert err.count(said) == 1 and "newest checkpoint" in err and "--resume" in err, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert left == []
 
