@@ -1,4 +1,4 @@
-"""docs/DESIGN.md is the map of record: it names every module under mpitrain/."""
+"""docs/DESIGN.md is the map of record: it names every module under mpitrain/, every benchmark and example."""
 
 from __future__ import annotations
 
@@ -35,6 +35,25 @@ def test_the_map_names_every_module() -> None:
         entries.add(os.path.join(folder, name) if depth == 2 else name)
     missing = [m for m in _modules() if m not in entries]
     assert not missing, f"docs/DESIGN.md does not name {missing}"
+
+
+def test_the_map_names_every_benchmark_and_example() -> None:
+    with open(os.path.join(ROOT, "docs", "DESIGN.md")) as f:
+        tree = f.read().split("```", 2)[1]
+    entries, folder = set(), ""
+    for line in tree.splitlines():
+        if re.match(r"^\S+/$", line.split(" ", 1)[0]) and not line.startswith(" "):
+            folder = line.split()[0]
+        elif match := re.match(r"^  (\S+)", line):
+            entries.add(folder + match.group(1))
+    files = [
+        f"{folder}/{name}"
+        for folder in ("benchmarks", "examples")
+        for name in sorted(os.listdir(os.path.join(ROOT, folder)))
+        if name.endswith((".py", ".sh"))
+    ]
+    missing = [f for f in files if f not in entries]
+    assert files and not missing, f"docs/DESIGN.md does not name {missing}"
 
 
 def test_the_readme_links_the_map_instead_of_repeating_the_layout() -> None:
