@@ -243,7 +243,8 @@ def grouped_allreduce(arrays: Sequence[Any], op: str = "mean", algorithm: str = 
 
     def work() -> None:
         for buf in packed:
-            _on_device_of(buf, lambda buf=buf: comm.allreduce(buf, op=op, algorithm=algorithm))()
+            with backend.device_scope(buf):
+                comm.allreduce(buf, op=op, algorithm=algorithm)
 
     _submit("grouped_allreduce", work).wait()
     out: list[Any] = [None] * len(parts)
