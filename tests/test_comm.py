@@ -400,6 +400,20 @@ def test_agreement_raises_one_ranks_error_everywhere(comm: Communicator) -> None
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize(
+    "raised,expected",
+    [(PermissionError, OSError), (IsADirectoryError, OSError), (ZeroDivisionError, RuntimeError)],
+)
+def test_an_agreed_error_keeps_its_nearest_known_type(comm: Communicator, raised, expected) -> None:
+    def body():
+        with comm.agreement():
+            if comm.rank == 0:
+                raise raised("out.npz")
+
+    _raises_everywhere(body, expected, "rank 0: out.npz")
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("algorithm", ["ring", "doubling", "shm", "auto"])
 @pytest.mark.parametrize("op", ["sum", "mean", "max"])
 @pytest.mark.parametrize("n", [1, P + 1, 1000, 100_003])

@@ -139,12 +139,18 @@ class QuickAgreement:
 def agree_on_error(comm: MPI.Comm, error: BaseException | None) -> None:
     """Raise on every rank if any rank passes an error; otherwise return on every rank.
 
-    The raised exception has the type of the lowest failing rank's error
-    (ValueError, TypeError, FileNotFoundError, OSError, else RuntimeError) and a
-    message naming that rank.
+    The raised exception has the type of the lowest failing rank's error, or
+    of its nearest base among ValueError, TypeError, FileNotFoundError and
+    OSError (a PermissionError is an OSError), else RuntimeError; its message
+    names that rank.
     """
-    local = None if error is None else (type(error).__name__, str(error))
+    local = None if error is None else (_known_base(type(error)), str(error))
     _raise_first_problem(comm.allgather(local), cause=error)
+
+
+def _known_base(kind: type[BaseException]) -> str:
+    """The name of ``kind``'s nearest class that every rank can raise again (``ERROR_TYPES``)."""
+    return next((c.__name__ for c in kind.__mro__ if ERROR_TYPES.get(c.__name__) is c), "RuntimeError")
 
 
 def _raise_first_problem(reports: list[Problem | None], prefix: str = "", cause: BaseException | None = None) -> None:
